@@ -1,0 +1,87 @@
+"""Signed pickles: the only way a pickle enters or leaves this package.
+
+A pickle runs code when it is loaded, so one is loaded only when it carries an HMAC-SHA256 made
+with the grid's secret (``payload_signing_key`` in the client config, ``HTCGRID_PAYLOAD_KEY`` in a
+worker's environment). Anyone who can write to the data plane but does not hold the secret
+cannot get code run by an agent or by a client.
+
+Format of a signed blob, as text: ``v1.<urlsafe-b64 hmac>.<standard-b64 pickle>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from typing import Any
+
+import cloudpickle
+import pickle
+
+from .errors import PayloadError, SignatureError
+
+__all__ = ["PAYLOAD_KEY_ENV", "new_signing_key", "signing_key_from_env", "dumps_signed", "loads_signed"]
+
+#: environment variable through which agents and deployed workers receive the grid secret
+PAYLOAD_KEY_ENV = "HTCGRID_PAYLOAD_KEY"
+
+_PREFIX = "v1."
+
+
+def new_signing_key() -> str:
+    """A fresh random secret, as text that fits in a JSON config file."""
+    return secrets.token_urlsafe(32)
+
+
+def signing_key_from_env() -> str | None:
+    return os.environ.get(PAYLOAD_KEY_ENV) or None
+
+
+def _mac(key: str, data: bytes) -> bytes:
+    return hmac.new(key.encode(), data, hashlib.sha256).digest()
+
+
+def dumps_signed(obj: Any, key: str) -> str:
+    """Pickle ``obj`` with cloudpickle and sign it. Raises PayloadError naming what could not be
+    pickled (the exception from the pickler is the ``__cause__``)."""
+    try:
+        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # pickling can raise anything a __reduce__ raises
+        raise PayloadError(f"cannot pickle {_describe(obj)}: {exc}") from exc
+    return sign_bytes(data, key)
+
+
+def sign_bytes(data: bytes, key: str) -> str:
+    """Sign already-pickled ``data``."""
+    mac = base64.urlsafe_b64encode(_mac(key, data)).decode()
+    return f"{_PREFIX}{mac}.{base64.b64encode(data).decode()}"
+
+
+def loads_signed(text: str, key: str) -> Any:
+    """Check the signature of ``text`` and only then unpickle it.
+
+    Raises SignatureError when the HMAC does not match (nothing is unpickled), PayloadError when
+    the text is not a signed blob at all or the pickle cannot be loaded.
+    """
+    if not isinstance(text, str) or not text.startswith(_PREFIX):
+        raise PayloadError("payload is not a signed htcgrid_executor blob")
+    try:
+        mac_text, data_text = text[len(_PREFIX):].split(".", 1)
+        mac = base64.urlsafe_b64decode(mac_text)
+        data = base64.b64decode(data_text, validate=True)
+    except ValueError as exc:
+        raise PayloadError(f"payload is not a signed htcgrid_executor blob: {exc}") from exc
+    if not hmac.compare_digest(mac, _mac(key, data)):
+        raise SignatureError("payload signature does not match the grid secret; refusing to unpickle it")
+    try:
+        return pickle.loads(data)
+    except Exception as exc:  # unpickling can raise anything (missing module, broken __setstate__)
+        raise PayloadError(f"cannot unpickle payload: {exc}") from exc
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, tuple) and obj:
+        return "call " + ", ".join(type(part).__name__ for part in obj)
+    return f"object of type {type(obj).__name__}"
