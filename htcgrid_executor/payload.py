@@ -14,11 +14,11 @@ import base64
 import hashlib
 import hmac
 import os
+import pickle
 import secrets
 from typing import Any
 
 import cloudpickle
-import pickle
 
 from .errors import PayloadError, SignatureError
 

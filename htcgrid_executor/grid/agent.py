@@ -1,0 +1,343 @@
+"""An agent: takes tasks from the grid, runs them in its runner child, reports the outcome.
+
+::
+
+    claim (Lua, a batch when the queue is deep) ─▶ MGET inputs ─▶ runner child, one task at a time
+         ▲                                                              │
+         └──── complete (Lua: output + finished, only if still owned) ◀─┘
+
+A second thread, the watcher, heart-beats the agent's tasks every ``heartbeat_sec`` and BLPOPs
+the agent's cancellation list in between: when the task being run is cancelled (or its lease was
+lost to the TTL checker) it kills the runner at once, so user code stops well under a second after
+the cancel. The main thread then sorts out the batch: outputs already produced are completed,
+the interrupted task is timed out / retried / left cancelled, tasks not yet started go back to the
+queue, and a new runner is started for the next task.
+
+Run as a process: ``python -m htcgrid_executor.grid.agent`` with its settings in the JSON
+environment variable ``HTCGRID_AGENT_CONFIG`` (never on the command line: it holds the Redis
+password), as :class:`~htcgrid_executor.grid.local_grid.LocalGrid` and the CLI do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from ..wire import encode_output, input_key
+from .child_processes import describe_exit, die_with_parent
+from .runner import DEFAULT_MAX_OUTPUT_BYTES, error_document, runner_main
+from .state_table import Claim, StateTable, key_for
+
+__all__ = ["AgentSettings", "Agent", "AGENT_CONFIG_ENV", "main"]
+
+logger = logging.getLogger(__name__)
+
+AGENT_CONFIG_ENV = "HTCGRID_AGENT_CONFIG"
+DEFAULT_HANDLER = "htcgrid_executor.worker:lambda_handler"
+
+
+@dataclass
+class AgentSettings:
+    """What an agent needs to join a grid. ``redis_url`` holds the password."""
+
+    redis_url: str
+    handler: str = DEFAULT_HANDLER
+    heartbeat_sec: float = 1.0
+    lease_sec: float = 5.0
+    max_batch: int = 16
+    max_tasks_per_child: int | None = None
+    retention_sec: float = 3600.0
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    agent_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> AgentSettings:
+        values = json.loads(text)
+        values.pop("agent_id", None)  # each process makes its own
+        return cls(**values)
+
+
+class _Runner:
+    """The runner child and its pipe; ``kill()`` may be called from the watcher thread."""
+
+    _context = multiprocessing.get_context("spawn")  # no fork of a threaded agent
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.conn, child_conn = self._context.Pipe()
+        self.process = self._context.Process(
+            target=runner_main, name="htcgrid-runner", daemon=True,
+            args=(child_conn, settings.handler, os.getpid(), settings.max_output_bytes),
+        )
+        self.process.start()
+        child_conn.close()
+        self.tasks_run = 0
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+
+    def stop(self) -> None:
+        """Let the runner exit cleanly (max_tasks_per_child reached, agent stopping)."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(2)
+        self.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class StopRequested(Exception):
+    """Raised by the SIGTERM handler to end an idle wait at once."""
+
+
+class Agent:
+    """Runs tasks until ``stop`` is set. Thread-safe only in the ways the watcher needs."""
+
+    idle = False  # True while the main thread waits on the doorbell (safe to interrupt)
+
+    def __init__(self, settings: AgentSettings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.agent_id = settings.agent_id
+        self.redis = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30,
+                                                    health_check_interval=30)
+        self.table = StateTable(self.redis, retention_sec=settings.retention_sec)
+        self.lease_ms = int(settings.lease_sec * 1000)
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()  # guards the four fields below, shared with the watcher
+        self._owned: set[str] = set()  # claimed and not yet completed, released or lost
+        self._lost: set[str] = set()  # owned tasks the grid took back (cancelled, lease lost)
+        self._current: str | None = None  # the task the runner is running now
+        self._runner: _Runner | None = None
+
+    # -- the main loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Claim and run tasks until :attr:`stop_event` is set; then give back what is unstarted."""
+        watcher = threading.Thread(target=self._watch, name="htcgrid-agent-watcher", daemon=True)
+        self.table.heartbeat(self.agent_id, [], self.lease_ms)  # register before the first claim
+        watcher.start()
+        with self._lock:  # start the runner now: the first task should not wait for its imports
+            self._runner = _Runner(self.settings)
+        waiter = redis.Redis(connection_pool=self.redis.connection_pool)
+        backoff = 0.05
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    claims = self.table.claim(self.agent_id, self.settings.max_batch, self.lease_ms)
+                    if claims:
+                        self._run_batch(claims)
+                    else:
+                        # idle: sleep on the doorbell, rung by submits and by claims that left work
+                        self.idle = True
+                        try:
+                            waiter.blpop([key_for("doorbell")], timeout=1)
+                        finally:
+                            self.idle = False
+                    backoff = 0.05
+                except StopRequested:
+                    break
+                except redis.exceptions.ConnectionError as exc:
+                    logger.warning("agent %s: redis unreachable (%s); retrying in %.1fs",
+                                   self.agent_id, exc, backoff)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            self.stop_event.set()
+            try:  # wake the watcher from its BLPOP: an empty id is not a task
+                self.redis.rpush(key_for("agent_cancelled", self.agent_id), "")
+            except redis.exceptions.RedisError:
+                pass
+            watcher.join(self.settings.heartbeat_sec + 5)
+            if self._runner is not None:
+                self._runner.stop()
+            try:
+                with self._lock:
+                    unstarted = sorted(self._owned)
+                self.table.release(self.agent_id, unstarted)
+                self.table.unregister(self.agent_id)
+            except redis.exceptions.RedisError:
+                pass  # the leases expire and the TTL checker requeues them
+
+    def _run_batch(self, claims: list[Claim]) -> None:
+        with self._lock:
+            self._owned.update(c.task_id for c in claims)
+        inputs = self.redis.mget([input_key(c.task_id) for c in claims])
+        outputs: dict[str, bytes] = {}
+        first_unflushed = 0.0
+        for index, (claim, raw_input) in enumerate(zip(claims, inputs, strict=True)):
+            if self.stop_event.is_set():
+                break
+            if raw_input is None:
+                message = f"task input {input_key(claim.task_id)} not found in the data plane"
+                outputs[claim.task_id] = encode_output(error_document(message, "Runtime.InputNotFound"))
+                continue
+            output = self._run_one(claim, raw_input)
+            if output is None:  # the runner was stopped: the rest of the batch is decided
+                self._flush(outputs)
+                self._give_back([c.task_id for c in claims[index + 1:]])
+                return
+            outputs[claim.task_id] = output
+            # finish outputs in groups, but never sit on one for more than a few milliseconds
+            now = time.monotonic()
+            first_unflushed = first_unflushed or now
+            if now - first_unflushed > 0.005 or len(outputs) >= 64:
+                self._flush(outputs)
+                outputs = {}
+                first_unflushed = 0.0
+        self._flush(outputs)
+        with self._lock:  # tasks left by a stop request are released in run()'s finally
+            remaining = [c.task_id for c in claims if c.task_id in self._owned]
+        if not self.stop_event.is_set():
+            self._give_back(remaining)
+
+    def _run_one(self, claim: Claim, raw_input: bytes) -> bytes | None:
+        """Run one task in the runner; None when the runner had to be stopped (cancel, time
+        limit, crash): what that means for the task has been written to the table already."""
+        task_id = claim.task_id
+        with self._lock:
+            if task_id in self._lost:  # cancelled while it waited in this batch
+                self._forget(task_id)
+                return b""
+            if self._runner is None:
+                self._runner = _Runner(self.settings)
+            runner = self._runner
+            self._current = task_id
+        started = time.monotonic()
+        deadline = started + claim.timeout_ms / 1000 if claim.timeout_ms else None
+        timed_out = stopping = False
+        try:
+            runner.conn.send((task_id, raw_input, claim.timeout_ms))
+            while True:
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                if runner.conn.poll(wait):
+                    output = runner.conn.recv_bytes()
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    runner.kill()
+                    raise EOFError
+                if self.stop_event.is_set():  # the agent is asked to stop: the task goes back
+                    stopping = True
+                    runner.kill()
+                    raise EOFError
+        except (EOFError, OSError):
+            runner.process.join(5)
+            self._after_runner_death(task_id, runner, timed_out, stopping, claim.timeout_ms)
+            return None
+        with self._lock:
+            self._current = None
+        runner.tasks_run += 1
+        limit = self.settings.max_tasks_per_child
+        if limit and runner.tasks_run >= limit:
+            with self._lock:
+                self._runner = None
+            runner.stop()
+        return output
+
+    def _after_runner_death(self, task_id: str, runner: _Runner, timed_out: bool, stopping: bool,
+                            timeout_ms: int) -> None:
+        with self._lock:
+            self._current = None
+            self._runner = None
+            lost = task_id in self._lost
+            self._forget(task_id)
+        how = describe_exit(runner.process.exitcode)
+        runner.conn.close()
+        if lost:
+            logger.debug("agent %s: stopped %s (cancelled or lease lost)", self.agent_id, task_id)
+        elif stopping:
+            self.table.release(self.agent_id, [task_id])
+        elif timed_out:
+            reason = f"ran over its time limit of {timeout_ms / 1000:g} s and was stopped"
+            self.table.time_out(self.agent_id, task_id, reason)
+            logger.info("agent %s: %s %s", self.agent_id, task_id, reason)
+        else:
+            reason = f"its runner process died ({how}) while running it"
+            state = self.table.lose(self.agent_id, task_id, reason)
+            logger.warning("agent %s: %s: %s; now %s", self.agent_id, task_id, reason, state)
+
+    def _flush(self, outputs: dict[str, bytes]) -> None:
+        outputs = {tid: out for tid, out in outputs.items() if out}
+        if not outputs:
+            return
+        self.table.complete(self.agent_id, outputs)
+        with self._lock:
+            for task_id in outputs:
+                self._forget(task_id)
+
+    def _give_back(self, task_ids: list[str]) -> None:
+        with self._lock:
+            mine = [t for t in task_ids if t in self._owned and t not in self._lost]
+            for task_id in task_ids:
+                self._forget(task_id)
+        self.table.release(self.agent_id, mine)
+
+    def _forget(self, task_id: str) -> None:  # lock held
+        self._owned.discard(task_id)
+        self._lost.discard(task_id)
+
+    # -- the watcher thread -------------------------------------------------------------------
+    def _watch(self) -> None:
+        cancel_key = key_for("agent_cancelled", self.agent_id)
+        blocking = redis.Redis(connection_pool=self.redis.connection_pool)
+        next_beat = 0.0
+        while not self.stop_event.is_set():
+            try:
+                wait = max(0.01, next_beat - time.monotonic())
+                item = blocking.blpop([cancel_key], timeout=min(wait, 1.0))
+                if item is not None:
+                    more = blocking.lpop(cancel_key, 1000) or []
+                    self._take_back({item[1].decode(), *(t.decode() for t in more)} - {""})
+                if time.monotonic() >= next_beat:
+                    with self._lock:
+                        owned = sorted(self._owned)
+                    self._take_back(set(self.table.heartbeat(self.agent_id, owned, self.lease_ms)))
+                    next_beat = time.monotonic() + self.settings.heartbeat_sec
+            except redis.exceptions.RedisError as exc:
+                logger.warning("agent %s: heartbeat failed: %s", self.agent_id, exc)
+                self.stop_event.wait(0.5)
+
+    def _take_back(self, task_ids: set[str]) -> None:
+        """The grid took these tasks back: stop the runner if it is running one of them."""
+        with self._lock:
+            lost = task_ids & self._owned
+            self._lost |= lost
+            if self._current in lost and self._runner is not None:
+                self._runner.kill()
+
+
+def main() -> int:
+    """Process entry point for agents started by a LocalGrid or the CLI."""
+    die_with_parent_flag = os.environ.get("HTCGRID_AGENT_DIE_WITH_PARENT") == "1"
+    if die_with_parent_flag:
+        die_with_parent()
+    settings = AgentSettings.from_json(os.environ[AGENT_CONFIG_ENV])
+    agent = Agent(settings)
+
+    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        agent.stop_event.set()
+        if agent.idle:  # interrupt the blocking wait; elsewhere the loop sees the flag itself
+            raise StopRequested
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

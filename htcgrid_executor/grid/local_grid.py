@@ -1,0 +1,321 @@
+"""LocalGrid: a whole HTC-Grid on this machine, started and stopped as one object.
+
+::
+
+    LocalGrid.start()
+      ├─ RedisServer        redis-server child: state table, queue and data plane
+      ├─ ControlPlaneServer HTTP routes /submit /result /cancel on 127.0.0.1 (thread)
+      ├─ TTLChecker         retries tasks whose heartbeat expired (thread)
+      ├─ agents             ``python -m htcgrid_executor.grid.agent`` children, restarted if they die
+      └─ client_config      the dict AWSConnector takes (api key, Redis URL, signing key)
+
+Every child process is tied to this process (it dies with it, even on SIGKILL), and ``stop()``
+removes every process, socket and temporary file the grid made. With ``folder`` the Redis
+append-only file and the grid's credentials live there, so a grid restarted on the same folder
+keeps its tasks and its clients' signed payloads stay valid.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ..errors import ConfigurationError
+from ..payload import PAYLOAD_KEY_ENV, new_signing_key
+from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
+from .child_processes import describe_exit, spawn
+from .http_api import ControlPlaneServer
+from .redis_server import RedisServer
+from .state_table import StateTable
+from .ttl_checker import TTLChecker
+
+__all__ = ["LocalGrid", "start_agent_process", "DEFAULT_HANDLER"]
+
+logger = logging.getLogger(__name__)
+
+_live_grids: weakref.WeakSet[LocalGrid] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _stop_live_grids() -> None:
+    for grid in list(_live_grids):
+        grid.stop()
+
+
+def start_agent_process(settings: AgentSettings, payload_signing_key: str | None,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start one agent process (tied to this process's life) with ``settings``.
+
+    The agent sees this process's ``sys.path`` and working folder, so functions of the caller's
+    modules unpickle there as they would in a ProcessPoolExecutor.
+    """
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    paths = [p for p in sys.path if p] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else [])
+    child_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    child_env[AGENT_CONFIG_ENV] = settings.to_json()
+    if payload_signing_key:
+        child_env[PAYLOAD_KEY_ENV] = payload_signing_key
+    return spawn([sys.executable, "-m", "htcgrid_executor.grid.agent"], env=child_env, cwd=os.getcwd())
+
+
+class LocalGrid:
+    """An embedded HTC-Grid: real Redis, HTTP control plane, agent processes.
+
+    ``workers``: agent processes (default: one per CPU). ``handler``: the worker function,
+    ``"module:function"`` (default: this package's handler that runs executor calls).
+    ``folder``: keep Redis data (append-only) and credentials there; None: a temporary folder.
+    ``redis_url``: use that Redis instead of starting one. ``host``/``port``: where the HTTP API
+    listens (loopback by default; binding elsewhere exposes it, still behind its key).
+    ``heartbeat_sec``/``lease_sec``: how often agents heart-beat, and how long a silent agent
+    keeps its tasks before the TTL checker retries them. ``retry_limit``: retries before a lost
+    task fails (a submission's ``retry_count`` overrides it). ``max_tasks_per_child``: tasks a
+    runner process runs before it is replaced. ``env``: extra environment for the agents.
+    ``retention_sec``: how long an ended session's keys are kept.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        handler: str = DEFAULT_HANDLER,
+        folder: str | os.PathLike | None = None,
+        redis_url: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        heartbeat_sec: float = 1.0,
+        lease_sec: float = 5.0,
+        retry_limit: int = 5,
+        max_tasks_per_child: int | None = None,
+        env: dict[str, str] | None = None,
+        payload_signing_key: str | None = None,
+        api_key: str | None = None,
+        retention_sec: float = 3600.0,
+        claim_batch: int = 16,
+    ) -> None:
+        if workers is not None and workers < 0:
+            raise ConfigurationError("workers must be >= 0")
+        if lease_sec <= heartbeat_sec:
+            raise ConfigurationError("lease_sec must be longer than heartbeat_sec")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ConfigurationError("max_tasks_per_child must be >= 1")
+        self.workers = os.cpu_count() or 1 if workers is None else workers
+        self.handler = handler
+        self.folder = Path(folder) if folder is not None else None
+        self.host, self.port = host, port
+        self.retry_limit = retry_limit
+        self.env = dict(env or {})
+        self.heartbeat_sec = heartbeat_sec
+        self._external_redis_url = redis_url
+        self._agent_template = dict(
+            handler=handler, heartbeat_sec=heartbeat_sec, lease_sec=lease_sec, max_batch=claim_batch,
+            max_tasks_per_child=max_tasks_per_child, retention_sec=retention_sec,
+        )
+        self.retention_sec = retention_sec
+        credentials = self._load_credentials()
+        self.api_key = api_key or credentials.get("api_key") or secrets.token_urlsafe(24)
+        self.payload_signing_key = (payload_signing_key or credentials.get("payload_signing_key")
+                                    or new_signing_key())
+        self._redis_password = credentials.get("redis_password")
+        self.redis_server: RedisServer | None = None
+        self.redis: redis.Redis | None = None
+        self.table: StateTable | None = None
+        self._http: ControlPlaneServer | None = None
+        self._ttl: TTLChecker | None = None
+        self._agents: list[subprocess.Popen] = []
+        self._agent_lock = threading.Lock()  # guards _agents between callers and the supervisor
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._started = False
+
+    # -- credentials ------------------------------------------------------------------------
+    def _credentials_path(self) -> Path | None:
+        return self.folder / "credentials.json" if self.folder is not None else None
+
+    def _load_credentials(self) -> dict[str, str]:
+        path = self._credentials_path()
+        if path is None or not path.exists():
+            return {}
+        return json.loads(path.read_text())
+
+    def _save_credentials(self) -> None:
+        path = self._credentials_path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps({"api_key": self.api_key, "payload_signing_key": self.payload_signing_key,
+                           "redis_password": self._redis_password})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner only
+        with os.fdopen(fd, "w") as handle:
+            handle.write(data)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> LocalGrid:
+        """Start Redis, the HTTP API, the TTL checker and the agents. Returns self."""
+        global _atexit_registered
+        if self._started:
+            return self
+        self._started = True
+        try:
+            if self._external_redis_url:
+                self.redis_url = self._external_redis_url
+                self._agent_redis_url = self._external_redis_url
+                self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=30)
+            else:
+                self.redis_server = RedisServer(self.folder / "redis" if self.folder else None,
+                                                password=self._redis_password).start()
+                self._redis_password = self.redis_server.password
+                self.redis_url = self.redis_server.url
+                self._agent_redis_url = (f"unix://:{self.redis_server.password}@"
+                                         f"{self.redis_server.unix_socket}")
+                self.redis = self.redis_server.client(socket_timeout=30)
+            self._save_credentials()
+            self.table = StateTable(self.redis, retention_sec=self.retention_sec)
+            self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port).start()
+            self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec).start()
+            self.add_agents(self.workers)
+            self._supervisor = threading.Thread(target=self._supervise, name="htcgrid-supervisor",
+                                                daemon=True)
+            self._supervisor.start()
+        except BaseException:
+            self.stop()
+            raise
+        _live_grids.add(self)
+        if not _atexit_registered:
+            atexit.register(_stop_live_grids)
+            _atexit_registered = True
+        logger.debug("local grid: started at %s with %d agents", self.url, self.workers)
+        return self
+
+    def add_agents(self, count: int) -> None:
+        """Start ``count`` more agent processes."""
+        for _ in range(count):
+            settings = AgentSettings(redis_url=self._agent_redis_url, **self._agent_template)
+            process = start_agent_process(settings, self.payload_signing_key, self.env)
+            with self._agent_lock:
+                self._agents.append(process)
+
+    def _supervise(self) -> None:
+        """Replace agents that died (killed, crashed): a grid keeps its worker count."""
+        while not self._stopping.wait(0.5):
+            with self._agent_lock:
+                dead = [p for p in self._agents if p.poll() is not None]
+                self._agents = [p for p in self._agents if p.poll() is None]
+            for process in dead:
+                logger.warning("local grid: agent pid %d died (%s); starting another",
+                               process.pid, describe_exit(process.returncode))
+                if not self._stopping.is_set():
+                    self.add_agents(1)
+
+    def stop(self) -> None:
+        """Stop agents, HTTP API, TTL checker and Redis; remove temporary files. Idempotent."""
+        if self._stopping.is_set() and not self._started:
+            return
+        self._stopping.set()
+        self._started = False
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
+        with self._agent_lock:
+            agents, self._agents = self._agents, []
+        for process in agents:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # agents give their unstarted tasks back
+        for process in agents:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._ttl is not None:
+            self._ttl.stop()
+            self._ttl = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+        if self.redis is not None:
+            self.redis.close()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+        _live_grids.discard(self)
+
+    def __enter__(self) -> LocalGrid:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- what clients and tests see ---------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The control plane's base URL."""
+        if self._http is None:
+            raise RuntimeError("the grid is not started")
+        return self._http.url
+
+    @property
+    def requests_served(self) -> int:
+        """HTTP requests the control plane has answered (for benchmarks)."""
+        return self._http.requests_served if self._http else 0
+
+    @property
+    def client_config(self) -> dict[str, Any]:
+        """The configuration AWSConnector takes: the keys of a deployment's
+        ``Agent_config.tfvars.json``, with the api key for ``x-api-key`` (intra-VPC mode)."""
+        return {
+            "grid_storage_service": "REDIS",
+            "s3_bucket": "",
+            "redis_url": self.redis_url,
+            "redis_password": self._redis_password or "",
+            "public_api_gateway_url": self.url,
+            "private_api_gateway_url": self.url,
+            "api_gateway_key": self.api_key,
+            "user_pool_id": "",
+            "cognito_userpool_client_id": "",
+            "dynamodb_results_pull_interval_sec": 0.05,
+            "task_input_passed_via_external_storage": 1,
+            "region": "local",
+            "intra_vpc": 1,
+            "payload_signing_key": self.payload_signing_key,
+            "htcgrid_redis_control_url": self.redis_url,
+            "htcgrid_agent_settings": {k: v for k, v in self._agent_template.items() if k != "handler"}
+            | {"handler": self.handler},
+        }
+
+    def write_client_config(self, path: str | os.PathLike) -> Path:
+        """Write :attr:`client_config` as JSON readable by its owner only."""
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.client_config, handle, indent=2)
+        os.chmod(path, 0o600)
+        return path
+
+    def agent_pids(self) -> list[int]:
+        """PIDs of the live agent processes."""
+        with self._agent_lock:
+            return [p.pid for p in self._agents if p.poll() is None]
+
+    def runner_pids(self) -> list[int]:
+        """PIDs of the runner children (where user code runs) of the live agents (Linux)."""
+        pids: list[int] = []
+        for agent in self.agent_pids():
+            for task in Path(f"/proc/{agent}/task").glob("*"):
+                try:
+                    pids += [int(p) for p in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+        return pids

@@ -1,0 +1,120 @@
+"""The runner: the child process of an agent in which the worker function runs.
+
+It exists so that user code can be stopped: the agent kills the runner when the running task is
+cancelled or runs over its time limit, and starts a new one. It talks to its agent over a pipe,
+one task at a time: the agent sends ``(task_id, <task_id>-input bytes)``, the runner answers with
+the ``<task_id>-output`` bytes. The runner does the decoding, the call and the encoding, so the
+agent process only moves bytes.
+
+The worker function is a Lambda-style ``handler(event, context)``. As on a deployment, a handler
+that raises (or cannot be imported, or returns something that is not JSON) gives a *finished*
+task whose output is Lambda's error document.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..wire import decode_task, encode_output
+from .child_processes import die_with_parent
+
+__all__ = ["runner_main", "load_handler", "error_document", "LambdaContext"]
+
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+
+
+class LambdaContext:
+    """The little of AWS Lambda's context object that worker functions use."""
+
+    def __init__(self, task_id: str, function_name: str, deadline: float | None) -> None:
+        self.aws_request_id = task_id
+        self.function_name = function_name
+        self.function_version = "$LATEST"
+        self.memory_limit_in_mb = 0
+        self._deadline = deadline
+
+    def get_remaining_time_in_millis(self) -> int:
+        if self._deadline is None:
+            return 3_600_000
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def error_document(message: str, error_type: str, stack: list[str] | None = None) -> str:
+    """The JSON a Lambda runtime answers when the handler fails."""
+    return json.dumps({"errorMessage": message, "errorType": error_type, "stackTrace": stack or []})
+
+
+def load_handler(spec: str) -> Callable[[Any, Any], Any]:
+    """Import ``module:function`` (or ``module.function``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"worker function must be given as 'module:function', not {spec!r}")
+    handler = getattr(importlib.import_module(module_name), attr)
+    if not callable(handler):
+        raise TypeError(f"worker function {spec!r} is not callable")
+    return handler
+
+
+def run_task(handler: Callable | None, load_error: str | None, spec: str, task_id: str,
+             raw_input: bytes, timeout_ms: int, max_output_bytes: int) -> bytes:
+    """Run one task and return its ``<task_id>-output`` value (never raises)."""
+    if handler is None:
+        text = error_document(load_error or "no handler", "Runtime.ImportModuleError")
+        return encode_output(text)
+    try:
+        event = decode_task(raw_input)
+    except Exception as exc:  # a malformed input is this task's problem only
+        return encode_output(error_document(str(exc), "Runtime.InvalidInput"))
+    deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
+    try:
+        result = handler(event, LambdaContext(task_id, spec, deadline))
+    except Exception as exc:  # the handler's exception becomes Lambda's error document
+        stack = traceback.format_tb(exc.__traceback__)[1:]  # drop this frame
+        text = error_document(str(exc), type(exc).__name__, [line.rstrip() for line in stack])
+    else:
+        try:
+            text = json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            text = error_document(f"Unable to marshal response: {exc}", "Runtime.MarshalError")
+    output = encode_output(text)
+    if len(output) > max_output_bytes:
+        text = error_document(
+            f"response of {len(output)} bytes exceeds the data plane limit of {max_output_bytes} bytes",
+            "Runtime.ResponseSizeTooLarge")
+        output = encode_output(text)
+    return output
+
+
+def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: int) -> None:
+    """Entry point of the runner child: serve tasks until the pipe closes or None arrives."""
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the agent died before we could ask to die with it
+        os._exit(1)
+    # Ctrl-C in a terminal reaches the whole process group: the agent decides what stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handler: Callable | None = None
+    load_error: str | None = None
+    try:
+        handler = load_handler(spec)
+    except Exception as exc:  # reported per task, as a deployment's Lambda does
+        load_error = f"cannot import worker function {spec!r}: {type(exc).__name__}: {exc}"
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task_id, raw_input, timeout_ms = message
+        conn.send_bytes(run_task(handler, load_error, spec, task_id, raw_input, timeout_ms,
+                                 max_output_bytes))

@@ -1,0 +1,506 @@
+"""The task state table and queue, in Redis: the one writer of task states.
+
+Every transition of :data:`htcgrid_executor.states.TRANSITIONS` is one Lua script below, so
+each is atomic and checks its legal source state itself; nothing else in the package writes a
+task's state. Times are Redis's clock (``TIME``), so agents on other machines agree on leases.
+
+Layout (prefix ``htcgrid:``; data-plane keys are bare, as a deployment writes them):
+
+- ``task:<tid>`` hash, only while the task is not terminal: state, owner, retries
+- ``session:<sid>`` hash: count, priority, listener, max_retries, timeout_ms, submitted_ms,
+  and counters processing, finished, failed, cancelled
+- ``session:<sid>:events`` stream: one entry per task that reached a terminal state (t, s, r)
+- ``listener:<lid>`` stream: every change (processing and terminal) of that listener's sessions
+- ``queue:<priority>`` list and ``queues`` zset of priorities; ``leases`` zset tid -> expiry ms
+- ``agents`` zset agent -> registration expiry; ``agent:<id>:cancelled`` list; ``doorbell`` list
+
+A terminal task's hash is deleted at once (its outcome lives in the session's stream), and a
+session's keys, data-plane keys included, expire ``retention`` after its last task ended: the
+state table never grows without bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ..states import TaskState
+
+__all__ = ["StateTable", "Claim", "Event", "PREFIX", "key_for"]
+
+PREFIX = "htcgrid:"
+MAX_PRIORITY = 1_000_000
+
+
+def key_for(kind: str, name: str = "") -> str:
+    """The control-plane key of ``kind`` ('task', 'session', 'session_events', 'listener',
+    'queue', 'agent_cancelled') for ``name``; keys with no name ('queues', 'leases', ...)."""
+    return {
+        "task": f"{PREFIX}task:{name}",
+        "session": f"{PREFIX}session:{name}",
+        "session_events": f"{PREFIX}session:{name}:events",
+        "listener": f"{PREFIX}listener:{name}",
+        "queue": f"{PREFIX}queue:{name}",
+        "agent_cancelled": f"{PREFIX}agent:{name}:cancelled",
+        "queues": f"{PREFIX}queues",
+        "leases": f"{PREFIX}leases",
+        "agents": f"{PREFIX}agents",
+        "doorbell": f"{PREFIX}doorbell",
+    }[kind]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task an agent now owns; ``timeout_ms`` is its time limit (0: none)."""
+
+    task_id: str
+    timeout_ms: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a session's or a listener's stream."""
+
+    cursor: str
+    task_id: str
+    state: TaskState
+    reason: str
+
+
+# Shared by every script: key names, the clock, and how a change is announced.
+_PRELUDE = r"""
+local P = 'htcgrid:'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function session_of(tid)
+  return string.match(tid, '^(.+)_%d+$')
+end
+local listeners_touched = {}
+-- announce a change on the session's listener stream; terminal ones on the session's stream too
+local function announce(sid, tid, state, reason, terminal, retention_ms)
+  local skey = P .. 'session:' .. sid
+  local listener = redis.call('HGET', skey, 'listener')
+  if listener and listener ~= '' then
+    local lkey = P .. 'listener:' .. listener
+    redis.call('XADD', lkey, '*', 't', tid, 's', state, 'r', reason)
+    if not listeners_touched[lkey] then
+      redis.call('PEXPIRE', lkey, retention_ms)
+      listeners_touched[lkey] = true
+    end
+  end
+  if terminal then
+    redis.call('XADD', skey .. ':events', '*', 't', tid, 's', state, 'r', reason)
+    redis.call('HINCRBY', skey, state, 1)
+    redis.call('DEL', P .. 'task:' .. tid)
+    -- data-plane keys of an ended task live for the retention period, then go
+    redis.call('PEXPIRE', tid .. '-input', retention_ms)
+    redis.call('PEXPIRE', tid .. '-output', retention_ms)
+    local count = tonumber(redis.call('HGET', skey, 'count'))
+    local ended = tonumber(redis.call('HGET', skey, 'finished') or '0')
+      + tonumber(redis.call('HGET', skey, 'failed') or '0')
+      + tonumber(redis.call('HGET', skey, 'cancelled') or '0')
+    if ended >= count then
+      redis.call('PEXPIRE', skey, retention_ms)
+      redis.call('PEXPIRE', skey .. ':events', retention_ms)
+      redis.call('PEXPIRE', sid .. '-payload', retention_ms)
+    end
+  end
+end
+local function leave_processing(sid, tid)
+  redis.call('ZREM', P .. 'leases', tid)
+  redis.call('HINCRBY', P .. 'session:' .. sid, 'processing', -1)
+end
+local function ring_doorbell(tokens)
+  local bell = P .. 'doorbell'
+  local have = redis.call('LLEN', bell)
+  if have < tokens then
+    for i = have + 1, tokens do redis.call('LPUSH', bell, '1') end
+  end
+end
+-- processing -> pending with one more retry, or failed past the limit (its worker was lost)
+local function lose(tid, reason, retention_ms)
+  local sid = session_of(tid)
+  local tkey = P .. 'task:' .. tid
+  local retries = tonumber(redis.call('HGET', tkey, 'retries') or '0')
+  local limit = tonumber(redis.call('HGET', P .. 'session:' .. sid, 'max_retries') or '5')
+  leave_processing(sid, tid)
+  if retries >= limit then
+    announce(sid, tid, 'failed', reason .. ' (gave up after ' .. retries .. ' retries)', true, retention_ms)
+    return 'failed'
+  end
+  redis.call('HSET', tkey, 'state', 'pending', 'owner', 'None', 'retries', retries + 1, 'reason', reason)
+  local prio = redis.call('HGET', P .. 'session:' .. sid, 'priority') or '0'
+  redis.call('LPUSH', P .. 'queue:' .. prio, tid)  -- front of its queue: it has waited already
+  redis.call('ZADD', P .. 'queues', prio, prio)
+  ring_doorbell(1)
+  announce(sid, tid, 'pending', reason, false, retention_ms)
+  return 'pending'
+end
+"""
+
+# ARGV: sid, count, priority, max_retries, timeout_ms, listener, retention_ms -> 1 created, 0 existed
+_SUBMIT = r"""
+local sid, count, prio = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local skey = P .. 'session:' .. sid
+if redis.call('EXISTS', skey) == 1 then return 0 end
+redis.call('HSET', skey, 'count', count, 'priority', prio, 'max_retries', ARGV[4],
+  'timeout_ms', ARGV[5], 'listener', ARGV[6], 'submitted_ms', now_ms(), 'processing', 0,
+  'finished', 0, 'failed', 0, 'cancelled', 0)
+local queue = P .. 'queue:' .. prio
+local batch = {}
+for i = 0, count - 1 do
+  local tid = sid .. '_' .. i
+  redis.call('HSET', P .. 'task:' .. tid, 'state', 'pending', 'owner', 'None', 'retries', 0)
+  batch[#batch + 1] = tid
+  if #batch == 1000 then redis.call('RPUSH', queue, unpack(batch)); batch = {} end
+end
+if #batch > 0 then redis.call('RPUSH', queue, unpack(batch)) end
+redis.call('ZADD', P .. 'queues', prio, prio)
+ring_doorbell(math.min(count, 8))
+return 1
+"""
+
+# ARGV: agent, max_batch, lease_ms, retention_ms -> flat list tid, timeout_ms, ...
+_CLAIM = r"""
+local agent, max_batch, lease_ms, retention_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local now = now_ms()
+local prios = redis.call('ZREVRANGE', P .. 'queues', 0, -1)
+local queued = 0
+for _, p in ipairs(prios) do queued = queued + redis.call('LLEN', P .. 'queue:' .. p) end
+if queued == 0 then return {} end
+-- share a shallow queue fairly between live agents; take a batch only when it is deep
+local agents = math.max(1, redis.call('ZCOUNT', P .. 'agents', now, '+inf'))
+local want = math.max(1, math.min(max_batch, math.floor(queued / agents)))
+local out = {}
+local sessions = {}
+for _, p in ipairs(prios) do
+  local queue = P .. 'queue:' .. p
+  while want > 0 do
+    local ids = redis.call('LPOP', queue, want)
+    if not ids then break end
+    for _, tid in ipairs(ids) do
+      local tkey = P .. 'task:' .. tid
+      -- cancelled tasks stay in the queue (LREM is O(n)); they are skipped here
+      if redis.call('HGET', tkey, 'state') == 'pending' then
+        local sid = session_of(tid)
+        redis.call('HSET', tkey, 'state', 'processing', 'owner', agent)
+        redis.call('ZADD', P .. 'leases', now + lease_ms, tid)
+        redis.call('HINCRBY', P .. 'session:' .. sid, 'processing', 1)
+        local timeout = sessions[sid]
+        if not timeout then
+          timeout = redis.call('HGET', P .. 'session:' .. sid, 'timeout_ms') or '0'
+          sessions[sid] = timeout
+        end
+        announce(sid, tid, 'processing', '', false, retention_ms)
+        out[#out + 1] = tid
+        out[#out + 1] = timeout
+        want = want - 1
+      end
+    end
+  end
+  if redis.call('LLEN', queue) == 0 then redis.call('ZREM', P .. 'queues', p) end
+  if want == 0 then break end
+end
+if queued > #out / 2 then ring_doorbell(1) end  -- more left: wake another idle agent
+return out
+"""
+
+# ARGV: agent, lease_ms, tid... -> tids this agent no longer owns (cancelled, expired, gone)
+_HEARTBEAT = r"""
+local agent, lease_ms = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+redis.call('ZADD', P .. 'agents', now + lease_ms, agent)
+local lost = {}
+for i = 3, #ARGV do
+  local tid = ARGV[i]
+  local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
+  if t[1] == 'processing' and t[2] == agent then
+    redis.call('ZADD', P .. 'leases', 'XX', now + lease_ms, tid)
+  else
+    lost[#lost + 1] = tid
+  end
+end
+return lost
+"""
+
+# ARGV: agent, retention_ms, tid, output, tid, output, ... -> tids accepted
+_COMPLETE = r"""
+local agent, retention_ms = ARGV[1], tonumber(ARGV[2])
+local done = {}
+for i = 3, #ARGV, 2 do
+  local tid = ARGV[i]
+  local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
+  -- only the owner of a task still processing may finish it: a worker that lost its lease
+  -- (and whose task now runs elsewhere) or a cancelled task cannot write an output
+  if t[1] == 'processing' and t[2] == agent then
+    local sid = session_of(tid)
+    redis.call('SET', tid .. '-output', ARGV[i + 1])
+    leave_processing(sid, tid)
+    announce(sid, tid, 'finished', '', true, retention_ms)
+    done[#done + 1] = tid
+  end
+end
+return done
+"""
+
+# ARGV: agent, retention_ms, tid... -> number released (claimed but never started: back to the front)
+_RELEASE = r"""
+local agent, retention_ms = ARGV[1], tonumber(ARGV[2])
+local n = 0
+for i = #ARGV, 3, -1 do
+  local tid = ARGV[i]
+  local tkey = P .. 'task:' .. tid
+  local t = redis.call('HMGET', tkey, 'state', 'owner')
+  if t[1] == 'processing' and t[2] == agent then
+    local sid = session_of(tid)
+    leave_processing(sid, tid)
+    redis.call('HSET', tkey, 'state', 'pending', 'owner', 'None')
+    local prio = redis.call('HGET', P .. 'session:' .. sid, 'priority') or '0'
+    redis.call('LPUSH', P .. 'queue:' .. prio, tid)
+    redis.call('ZADD', P .. 'queues', prio, prio)
+    announce(sid, tid, 'pending', 'released', false, retention_ms)
+    n = n + 1
+  end
+end
+if n > 0 then ring_doorbell(1) end
+return n
+"""
+
+# ARGV: agent ('' = TTL checker: only if the lease expired), retention_ms, reason, tid -> new state or ''
+_EXPIRE = r"""
+local agent, retention_ms, reason, tid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
+if t[1] ~= 'processing' then redis.call('ZREM', P .. 'leases', tid); return '' end
+if agent == '' then
+  local expiry = redis.call('ZSCORE', P .. 'leases', tid)
+  if expiry and tonumber(expiry) > now_ms() then return '' end
+elseif t[2] ~= agent then
+  return ''
+end
+return lose(tid, reason, retention_ms)
+"""
+
+# ARGV: retention_ms, limit -> number of tasks whose lease had expired
+_EXPIRE_DUE = r"""
+local retention_ms, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, limit)
+for _, tid in ipairs(due) do
+  local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
+  if t[1] == 'processing' then
+    lose(tid, 'worker ' .. (t[2] or '?') .. ' stopped heart-beating', retention_ms)
+  else
+    redis.call('ZREM', P .. 'leases', tid)
+  end
+end
+return #due
+"""
+
+# ARGV: agent, retention_ms, reason, tid -> 1 if failed
+_TIME_OUT = r"""
+local agent, retention_ms, reason, tid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
+if t[1] ~= 'processing' or t[2] ~= agent then return 0 end
+local sid = session_of(tid)
+leave_processing(sid, tid)
+announce(sid, tid, 'failed', reason, true, retention_ms)
+return 1
+"""
+
+# ARGV: retention_ms, mode ('sessions' | 'tasks'), id... -> flat list: per id [pending, processing]
+_CANCEL = r"""
+local retention_ms, mode = tonumber(ARGV[1]), ARGV[2]
+local function cancel_one(sid, tid, counts)
+  local tkey = P .. 'task:' .. tid
+  local t = redis.call('HMGET', tkey, 'state', 'owner')
+  if t[1] == 'pending' then
+    counts[1] = counts[1] + 1
+  elseif t[1] == 'processing' then
+    counts[2] = counts[2] + 1
+    leave_processing(sid, tid)
+    -- tell the agent running it, which BLPOPs this list, to stop the user code now
+    local ckey = P .. 'agent:' .. t[2] .. ':cancelled'
+    redis.call('RPUSH', ckey, tid)
+    redis.call('PEXPIRE', ckey, retention_ms)
+  else
+    return
+  end
+  announce(sid, tid, 'cancelled', 'cancelled', true, retention_ms)
+end
+local out = {}
+if mode == 'sessions' then
+  for i = 3, #ARGV do
+    local sid = ARGV[i]
+    local counts = {0, 0}
+    local count = tonumber(redis.call('HGET', P .. 'session:' .. sid, 'count') or '0')
+    for j = 0, count - 1 do cancel_one(sid, sid .. '_' .. j, counts) end
+    out[#out + 1] = counts[1]
+    out[#out + 1] = counts[2]
+  end
+else
+  local counts = {0, 0}
+  for i = 3, #ARGV do
+    local sid = session_of(ARGV[i])
+    if sid then cancel_one(sid, ARGV[i], counts) end
+  end
+  out = counts
+end
+return out
+"""
+
+
+class StateTable:
+    """Python face of the Lua transitions. ``client`` is a redis-py client (decode_responses off).
+
+    ``retention_sec``: how long a session's keys, data-plane keys included, live after its last
+    task ended.
+    """
+
+    def __init__(self, client: redis.Redis, *, retention_sec: float = 3600.0) -> None:
+        self.redis = client
+        self.retention_ms = int(retention_sec * 1000)
+        self._scripts = {
+            name: client.register_script(_PRELUDE + body)
+            for name, body in (
+                ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT),
+                ("complete", _COMPLETE), ("release", _RELEASE), ("expire", _EXPIRE),
+                ("expire_due", _EXPIRE_DUE), ("time_out", _TIME_OUT), ("cancel", _CANCEL),
+            )
+        }
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._scripts[name](args=list(args))
+
+    # -- submit -------------------------------------------------------------------------------
+    def submit(self, session_id: str, count: int, *, priority: int = 0, max_retries: int = 5,
+               timeout_ms: int = 0, listener: str = "") -> bool:
+        """Create a session of ``count`` pending tasks ``<sid>_<i>`` and queue them.
+
+        Returns False (and changes nothing) when the session exists already: a repeated submit
+        is a no-op, so a retried request never runs work twice.
+        """
+        return bool(self._run("submit", session_id, count, priority, max_retries, timeout_ms,
+                              listener, self.retention_ms))
+
+    # -- agents -------------------------------------------------------------------------------
+    def claim(self, agent: str, max_batch: int, lease_ms: int) -> list[Claim]:
+        """Take up to ``max_batch`` pending tasks, highest priority first; fewer when the queue
+        is shallow, so that live agents share it. The tasks are now ``processing``, owned by
+        ``agent``, with a lease of ``lease_ms``."""
+        flat = self._run("claim", agent, max_batch, lease_ms, self.retention_ms)
+        return [Claim(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def heartbeat(self, agent: str, task_ids: list[str], lease_ms: int) -> list[str]:
+        """Extend the leases of ``task_ids`` (and the agent's registration); return the ones the
+        agent no longer owns (cancelled, or expired and given to another agent): stop them."""
+        return [t.decode() for t in self._run("heartbeat", agent, lease_ms, *task_ids)]
+
+    def complete(self, agent: str, outputs: dict[str, bytes]) -> list[str]:
+        """Write each output and finish the task, only where ``agent`` still owns it.
+        Returns the task ids that were finished."""
+        args: list[Any] = [agent, self.retention_ms]
+        for task_id, output in outputs.items():
+            args += [task_id, output]
+        return [t.decode() for t in self._run("complete", *args)]
+
+    def release(self, agent: str, task_ids: list[str]) -> int:
+        """Give claimed, never-started tasks back to the front of their queue (no retry counted)."""
+        if not task_ids:
+            return 0
+        return int(self._run("release", agent, self.retention_ms, *task_ids))
+
+    def lose(self, agent: str, task_id: str, reason: str) -> TaskState | None:
+        """The agent's runner died while running ``task_id``: retry it or fail it past the limit."""
+        state = self._run("expire", agent, self.retention_ms, reason, task_id)
+        return TaskState(state.decode()) if state else None
+
+    def time_out(self, agent: str, task_id: str, reason: str) -> bool:
+        """Fail a task that ran over its time limit (not retried)."""
+        return bool(self._run("time_out", agent, self.retention_ms, reason, task_id))
+
+    def unregister(self, agent: str) -> None:
+        self.redis.zrem(key_for("agents"), agent)
+
+    # -- TTL checker ----------------------------------------------------------------------------
+    def expire_due(self, limit: int = 1000) -> int:
+        """Retry (or fail, past the limit) every task whose heartbeat lease has expired."""
+        return int(self._run("expire_due", self.retention_ms, limit))
+
+    # -- cancel -------------------------------------------------------------------------------
+    def cancel_sessions(self, session_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Cancel every pending and processing task of each session (seed's answer shape)."""
+        if not session_ids:
+            return {}
+        flat = self._run("cancel", self.retention_ms, "sessions", *session_ids)
+        return {
+            sid: _counts(int(flat[2 * i]), int(flat[2 * i + 1])) for i, sid in enumerate(session_ids)
+        }
+
+    def cancel_tasks(self, task_ids: list[str]) -> dict[str, int]:
+        if not task_ids:
+            return _counts(0, 0)
+        pending, processing = self._run("cancel", self.retention_ms, "tasks", *task_ids)
+        return _counts(int(pending), int(processing))
+
+    # -- reads ----------------------------------------------------------------------------------
+    def session_info(self, session_id: str) -> dict[str, int] | None:
+        """Counts per state of a session, or None if it is unknown (or expired)."""
+        raw = self.redis.hgetall(key_for("session", session_id))
+        if not raw:
+            return None
+        info = {k.decode(): v.decode() for k, v in raw.items()}
+        count = int(info["count"])
+        ended = sum(int(info.get(s, 0)) for s in ("finished", "failed", "cancelled"))
+        processing = int(info.get("processing", 0))
+        return {
+            "count": count,
+            "pending": count - ended - processing,
+            "processing": processing,
+            "finished": int(info.get("finished", 0)),
+            "failed": int(info.get("failed", 0)),
+            "cancelled": int(info.get("cancelled", 0)),
+            "priority": int(info.get("priority", 0)),
+        }
+
+    def task_state(self, task_id: str) -> TaskState | None:
+        """Current state of a non-terminal task (terminal tasks: read the session's events)."""
+        state = self.redis.hget(key_for("task", task_id), "state")
+        return TaskState(state.decode()) if state else None
+
+    def read_events(self, stream_key: str, after: str | None, block_ms: int = 0,
+                    count: int = 100_000) -> list[Event]:
+        """Entries of a stream after cursor ``after`` ('0' or None: from the start), waiting up
+        to ``block_ms`` for the first one when there is none yet."""
+        after = after or "0"
+        if block_ms > 0:
+            found = self.redis.xread({stream_key: after}, count=count, block=block_ms)
+            entries = found[0][1] if found else []
+        else:
+            entries = self.redis.xrange(stream_key, min=f"({after}" if after != "0" else "-",
+                                        count=count)
+        return [
+            Event(cursor=eid.decode(), task_id=f[b"t"].decode(), state=TaskState(f[b"s"].decode()),
+                  reason=f.get(b"r", b"").decode())
+            for eid, f in entries
+        ]
+
+    def trim_listener(self, listener: str, before: str) -> None:
+        """Drop a listener's entries older than ``before`` (the client has read them)."""
+        if before and before != "0":
+            self.redis.xtrim(key_for("listener", listener), minid=before)
+
+    def live_agents(self) -> list[str]:
+        import time as _time  # agents register with Redis time; local time is close enough here
+
+        return [a.decode() for a in self.redis.zrangebyscore(key_for("agents"), int(_time.time() * 1000), "+inf")]
+
+
+def _counts(pending: int, processing: int) -> dict[str, int]:
+    return {
+        "cancelled_pending": pending,
+        "cancelled_processing": processing,
+        "total_cancelled_tasks": pending + processing,
+    }
