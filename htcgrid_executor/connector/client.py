@@ -1,0 +1,601 @@
+"""AWSConnector: HTC-Grid's client API (the seed's), wire-compatible with a real deployment.
+
+::
+
+    send(tasks) ──▶ data plane: <task_id>-input …, <sid>-payload   (one batched write)
+                └─▶ POST /submit?submission_content=<sid>          (retried with the same sid)
+    get_results / poll_session / poll_listener
+                ──▶ GET /result?submission_content=b64({"session_id": sid})[&after&wait_ms&listener]
+                └─▶ data plane: <task_id>-output …                  (one batched read per answer)
+    cancel_sessions / cancel_tasks ──▶ POST /cancel?submission_content=b64({...})
+
+Against the local grid (and any server whose ``/result`` answers carry a ``cursor``), polls use its
+extensions: only what changed since a cursor, long polls, failure reasons, processing events.
+Against a plain deployment the same calls fall back to plain polling (every answer lists every
+terminal task of the session) and report what is new themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import wire
+from ..errors import BadRequestError, ConfigurationError, ControlPlaneError, GridError, PayloadError
+from .auth import ApiKeyAuth, Auth, CognitoAuth
+from .config import ClientConfig
+from .dataplane import DataPlane, make_store
+from .transport import HTTPTransport
+
+__all__ = ["AWSConnector", "ResultBatch", "MAX_WAIT_SEC"]
+
+logger = logging.getLogger(__name__)
+
+#: longest single long poll the grid accepts (its ``wait_ms`` limit)
+MAX_WAIT_SEC = 20.0
+
+_ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+_TERMINAL = ("finished", "failed", "cancelled")
+# reason given for a task the grid reports finished whose output is not in the data plane
+_NO_OUTPUT = "the task finished but its output is missing from the data plane (evicted or deleted)"
+
+
+@dataclass
+class ResultBatch:
+    """What one poll learned.
+
+    ``finished`` maps task id to the decoded output text (read from the data plane in one batched
+    read); ``failed`` maps task id to the grid's reason (``""`` when the grid gives none);
+    ``processing`` lists tasks that started (only where the grid reports it); ``cursor`` is to be
+    passed back as ``after`` (None against a plain deployment); ``extensions`` is False when the
+    server is a plain deployment and the connector fell back to plain polling.
+    """
+
+    cursor: str | None = None
+    finished: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
+    processing: list[str] = field(default_factory=list)
+    extensions: bool = True
+
+    def __bool__(self) -> bool:
+        """True when the batch reports anything."""
+        return bool(self.finished or self.failed or self.cancelled or self.processing)
+
+
+@dataclass
+class _Answer:
+    """A ``/result`` answer, checked: the ids per state, in the server's order."""
+
+    finished: list[str]
+    failed: list[str]
+    failed_reason: list[str]
+    cancelled: list[str]
+    processing: list[str]
+    cursor: str | None
+
+    @classmethod
+    def parse(cls, body: Any) -> _Answer:
+        if not isinstance(body, dict):
+            raise ControlPlaneError("GET /result: the grid's answer is not a JSON object")
+
+        def ids(name: str) -> list[str]:
+            value = body.get(name) or []
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ControlPlaneError(f"GET /result: {name!r} in the grid's answer is not a list of ids")
+            return value
+
+        failed = ids("failed")
+        reasons = body.get("failed_reason")
+        if not isinstance(reasons, list) or len(reasons) != len(failed):
+            reasons = [""] * len(failed)  # a plain deployment gives no reasons
+        cursor = body.get("cursor")
+        return cls(
+            finished=ids("finished"),
+            failed=failed,
+            failed_reason=[r if isinstance(r, str) else str(r) for r in reasons],
+            cancelled=ids("cancelled"),
+            processing=ids("processing"),
+            cursor=None if cursor is None else str(cursor),
+        )
+
+    @property
+    def has_cursor(self) -> bool:
+        return self.cursor is not None
+
+    def terminal(self) -> Iterable[tuple[str, str, str]]:
+        """(task id, state, reason) of every terminal task in the answer."""
+        for tid in self.finished:
+            yield tid, "finished", ""
+        for tid, reason in zip(self.failed, self.failed_reason, strict=True):
+            yield tid, "failed", reason
+        for tid in self.cancelled:
+            yield tid, "cancelled", ""
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise BadRequestError(f"{what} must be a string of letters, digits and '-' (at most 128), got {value!r}")
+    return value
+
+
+def _check_submission(submission_response: object) -> tuple[str, list[str]]:
+    if not isinstance(submission_response, Mapping):
+        raise BadRequestError("submission_response must be the dict that send() returned")
+    sid = _check_id(submission_response.get("session_id"), "submission_response['session_id']")
+    task_ids = submission_response.get("task_ids")
+    if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
+        raise BadRequestError("submission_response['task_ids'] must be the list of task ids send() returned")
+    return sid, task_ids
+
+
+class AWSConnector:
+    """The client of one HTC-Grid: the seed's API, plus what an executor needs.
+
+    Build it with a config dict (``AWSConnector(config)``), from a file
+    (:meth:`from_config_file`), or as the public client does (``AWSConnector()`` then
+    :meth:`init`). In public-API mode call :meth:`authenticate` before anything else; with
+    ``intra_vpc`` (config key or ``INTRA_VPC`` environment variable) there is nothing to log in to.
+
+    Thread-safe: one connector may be used by several threads at once (an executor submits from
+    one and polls from another). It starts no thread of its own except the S3 upload pool, which
+    :meth:`close` shuts down.
+    """
+
+    def __init__(
+        self,
+        client_config_data: Mapping[str, Any] | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.client_config: dict[str, Any] = {}
+        self.payload_signing_key: str | None = None
+        self.config: ClientConfig | None = None
+        self._auth: Auth | None = None
+        self._transport: HTTPTransport | None = None
+        self._store: DataPlane | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # guards _listeners and init/close
+        # listener id -> session id -> ids already reported (fallback mode only)
+        self._listeners: dict[str, dict[str, set[str]]] = {}
+        #: True/False once a ``/result`` answer showed whether the server has the extensions
+        self.extensions: bool | None = None
+        if client_config_data is not None:
+            self.init(client_config_data, username or "", password or "")
+
+    # ------------------------------------------------------------------------------ construction
+
+    def init(self, client_config_data: Mapping[str, Any], username: str = "", password: str = "") -> None:
+        """Configure the connector (the public client's two-step style). Raises ConfigurationError
+        naming a missing or malformed key. Calling it again replaces the configuration (and closes
+        the previous connections)."""
+        config = ClientConfig.from_dict(client_config_data, username=username or None, password=password or None)
+        auth: Auth
+        if config.intra_vpc:
+            assert config.api_gateway_key is not None
+            auth = ApiKeyAuth(config.api_gateway_key)
+        else:
+            assert config.user_pool_id is not None and config.cognito_userpool_client_id is not None
+            auth = CognitoAuth(
+                user_pool_id=config.user_pool_id,
+                client_id=config.cognito_userpool_client_id,
+                region=config.cognito_region,
+                username=config.username,
+                password=config.password,
+            )
+        store = make_store(config)
+        transport = HTTPTransport(config.api_url, auth)
+        with self._lock:
+            old = (self._store, self._transport)
+            self.config = config
+            self.client_config = dict(client_config_data)
+            self.payload_signing_key = config.payload_signing_key
+            self._auth, self._transport, self._store = auth, transport, store
+            self._listeners = {}
+            self.extensions = None
+            self._closed = False
+        for resource in old:
+            if resource is not None:
+                resource.close()
+
+    @classmethod
+    def from_config_file(cls, path: str | None = None) -> AWSConnector:
+        """A connector from a deployment's JSON config file; ``path`` None reads the path from the
+        ``AGENT_CONFIG_FILE`` environment variable. Raises ConfigurationError."""
+        return cls(ClientConfig.load_file(path))
+
+    @staticmethod
+    def new_listener_id() -> str:
+        """A fresh listener id for :meth:`send` / :meth:`poll_listener`."""
+        return wire.new_session_id()
+
+    def __repr__(self) -> str:
+        if self.config is None:
+            return "AWSConnector(not configured)"
+        mode = "intra-vpc" if self.config.intra_vpc else "public"
+        return f"AWSConnector({self.config.api_url!r}, {mode}, {self.config.grid_storage_service})"
+
+    def _parts(self) -> tuple[Auth, HTTPTransport, DataPlane]:
+        if self._closed:
+            raise GridError("the connector is closed")
+        auth, transport, store = self._auth, self._transport, self._store
+        if auth is None or transport is None or store is None:
+            raise ConfigurationError("the connector has no configuration: pass client_config_data or call init()")
+        return auth, transport, store
+
+    @property
+    def store(self) -> DataPlane:
+        """The data plane (for the executor's cleanup and for tests)."""
+        return self._parts()[2]
+
+    # ------------------------------------------------------------------------------ auth
+
+    def authenticate(self) -> None:
+        """Log in to Cognito (public API); a no-op for the private API. Blocks for the round
+        trips. Calling it again is harmless. Raises PasswordChangeRequired, AuthenticationError,
+        ConfigurationError (no username/password), GridUnavailableError."""
+        auth, _, _ = self._parts()
+        auth.authenticate()
+
+    # ------------------------------------------------------------------------------ submit
+
+    def send(
+        self,
+        tasks_list: list[Any],
+        *,
+        priority: int = 0,
+        session_id: str | None = None,
+        listener: str | None = None,
+        task_timeout_sec: float | None = None,
+        retry_count: int | None = None,
+    ) -> dict[str, Any]:
+        """Submit ``tasks_list`` (JSON-serialisable values, each the event of one worker call) as
+        one session; returns ``{'session_id': sid, 'task_ids': [...]}`` in submission order.
+
+        Everything is checked before anything is written: an empty list or a bad argument raises
+        BadRequestError, a task that is not JSON raises PayloadError. Then the inputs and the
+        submission payload go to the data plane in one batched write, and ``POST /submit`` is sent
+        (retried on connection errors and 5xx). ``session_id`` given: that id is reused, so a
+        submit repeated after an error never runs the work twice (the grid answers a repeated
+        submit of a known session with the same answer). ``listener``: subscribe the session to
+        that listener's stream (see :meth:`poll_listener`). ``task_timeout_sec``/``retry_count``
+        default to the grid's 3600 s and 5.
+        """
+        _, transport, store = self._parts()
+        if not isinstance(tasks_list, (list, tuple)):
+            raise BadRequestError(f"tasks_list must be a list of tasks, got {type(tasks_list).__name__}")
+        if not tasks_list:
+            raise BadRequestError("tasks_list is empty: a session needs at least one task")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise BadRequestError(f"priority must be an integer, got {priority!r}")
+        sid = wire.new_session_id() if session_id is None else _check_id(session_id, "session_id")
+        if listener is not None:
+            _check_id(listener, "listener")
+        options: dict[str, Any] = {}
+        if task_timeout_sec is not None:
+            if isinstance(task_timeout_sec, bool) or not isinstance(task_timeout_sec, (int, float)) \
+                    or not task_timeout_sec > 0:
+                raise BadRequestError(f"task_timeout_sec must be a positive number, got {task_timeout_sec!r}")
+            options["task_timeout_sec"] = task_timeout_sec
+        if retry_count is not None:
+            if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
+                raise BadRequestError(f"retry_count must be an integer >= 0, got {retry_count!r}")
+            options["retry_count"] = retry_count
+
+        encoded: list[bytes] = []
+        for index, task in enumerate(tasks_list):
+            try:
+                encoded.append(wire.encode_task(task))
+            except PayloadError as exc:
+                raise PayloadError(f"task {index} of tasks_list: {exc}") from exc.__cause__
+        task_ids = wire.task_ids_for(sid, len(encoded))
+        submission = wire.build_submission(
+            sid, task_ids, priority=priority,
+            extra_context={"listener": listener} if listener else None, **options,
+        )
+        items = {wire.input_key(tid): data for tid, data in zip(task_ids, encoded, strict=True)}
+        items[wire.payload_key(sid)] = wire.encode_submission(submission)
+        store.put_many(items)
+
+        answer = transport.request("POST", "/submit", {"submission_content": sid}, retry=True)
+        if not isinstance(answer, dict):
+            raise ControlPlaneError("POST /submit: the grid's answer is not a JSON object")
+        answered_sid = answer.get("session_id", sid)
+        if answered_sid != sid:
+            raise ControlPlaneError(f"POST /submit: the grid answered for session {answered_sid!r}, not {sid!r}")
+        answered_ids = answer.get("task_ids")
+        if not isinstance(answered_ids, list) or not all(isinstance(t, str) for t in answered_ids):
+            answered_ids = task_ids
+        logger.debug("session %s: submitted %d tasks", sid, len(task_ids))
+        return {"session_id": sid, "task_ids": list(answered_ids)}
+
+    # ------------------------------------------------------------------------------ results
+
+    def _result(self, session_id: str, *, after: str | None, wait_sec: float = 0.0,
+                listener: str | None = None) -> _Answer:
+        """One ``GET /result``. Extension parameters are sent always: a deployment ignores them."""
+        _, transport, _ = self._parts()
+        params = {"submission_content": wire.encode_query({"session_id": session_id}),
+                  "after": after or "0"}
+        wait_sec = min(max(0.0, float(wait_sec)), MAX_WAIT_SEC)
+        if wait_sec > 0:
+            params["wait_ms"] = str(int(wait_sec * 1000))
+        if listener is not None:
+            params["listener"] = listener
+        body = transport.request("GET", "/result", params, retry=True, extra_read_timeout_sec=wait_sec)
+        answer = _Answer.parse(body)
+        self.extensions = answer.has_cursor
+        return answer
+
+    def _read_outputs(self, task_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Outputs of finished tasks in one batched read: (task id -> text, task id -> reason for
+        those whose output is missing or unreadable; they are reported as failed)."""
+        _, _, store = self._parts()
+        if not task_ids:
+            return {}, {}
+        values = store.get_many([wire.output_key(tid) for tid in task_ids])
+        outputs: dict[str, str] = {}
+        broken: dict[str, str] = {}
+        for tid, value in zip(task_ids, values, strict=True):
+            if value is None:
+                broken[tid] = _NO_OUTPUT
+                continue
+            try:
+                outputs[tid] = wire.decode_output(value)
+            except PayloadError as exc:
+                broken[tid] = f"the task's output in the data plane is unreadable: {exc}"
+        return outputs, broken
+
+    def _batch(self, terminal: list[tuple[str, str, str]], processing: list[str], cursor: str | None,
+               extensions: bool) -> ResultBatch:
+        finished_ids = [tid for tid, state, _ in terminal if state == "finished"]
+        outputs, broken = self._read_outputs(finished_ids)
+        batch = ResultBatch(cursor=cursor, extensions=extensions, processing=list(processing))
+        for tid, state, reason in terminal:
+            if state == "finished":
+                if tid in outputs:
+                    batch.finished[tid] = outputs[tid]
+                else:
+                    batch.failed[tid] = broken[tid]
+            elif state == "failed":
+                batch.failed[tid] = reason
+            else:
+                batch.cancelled.append(tid)
+        return batch
+
+    def poll_session(self, session_id: str, after: str | None = None, wait_sec: float = 0) -> ResultBatch:
+        """One poll of a session: the tasks that reached a terminal state after cursor ``after``
+        (None: from the start), waiting up to ``wait_sec`` (at most 20 s) for the first one.
+
+        Blocks for one request (a long poll where the server offers it). Against a plain
+        deployment every terminal task of the session comes back each time (``cursor`` None,
+        ``extensions`` False) and the wait is emulated by polling every
+        ``dynamodb_results_pull_interval_sec``. Raises the transport's errors, StorageError /
+        GridUnavailableError for the output read.
+        """
+        _check_id(session_id, "session_id")
+        deadline = time.monotonic() + max(0.0, min(float(wait_sec), MAX_WAIT_SEC))
+        while True:
+            answer = self._result(session_id, after=after, wait_sec=wait_sec)
+            if answer.has_cursor:
+                return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True)
+            terminal = list(answer.terminal())
+            remaining = deadline - time.monotonic()
+            if terminal or remaining <= 0:
+                return self._batch(terminal, [], None, False)
+            time.sleep(min(self._pull_interval(), remaining))
+
+    def poll_listener(self, listener: str, sessions: list[dict[str, Any]], after: str | None,
+                      wait_sec: float = 0) -> ResultBatch:
+        """One poll of a listener: what changed, after cursor ``after`` (None: from the start),
+        in every session submitted with ``listener=listener``; waits up to ``wait_sec`` (at most
+        20 s) for something to change.
+
+        ``sessions`` are the submission responses of the sessions still of interest; the request
+        names the first one (the route needs a session). With no session, returns an empty batch
+        at once. Against a plain deployment (no ``cursor`` in answers) it polls each listed session
+        that still has unreported tasks, reports only tasks not reported before (the connector
+        remembers them per listener, forgetting sessions no longer listed), and emulates the wait
+        by polling every ``dynamodb_results_pull_interval_sec``; ``cursor`` is then None and
+        ``processing`` empty.
+        """
+        _check_id(listener, "listener")
+        if not sessions:
+            return ResultBatch(cursor=after, extensions=self.extensions is not False)
+        checked = [_check_submission(s) for s in sessions]
+        wait_sec = max(0.0, min(float(wait_sec), MAX_WAIT_SEC))
+        deadline = time.monotonic() + wait_sec
+        first_sid = checked[0][0]
+        answer = self._result(first_sid, after=after, wait_sec=wait_sec, listener=listener)
+        if answer.has_cursor:
+            return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True)
+
+        # Plain deployment: the answer is the first session's full list of terminal tasks.
+        answers: dict[str, _Answer] = {first_sid: answer}
+        with self._lock:
+            seen = self._listeners.setdefault(listener, {})
+            wanted = {sid for sid, _ in checked}
+            for sid in list(seen):
+                if sid not in wanted:
+                    del seen[sid]
+            snapshot = {sid: set(ids) for sid, ids in seen.items()}
+        while True:
+            new: list[tuple[str, str, str]] = []
+            new_by_session: list[tuple[str, str]] = []
+            for sid, task_ids in checked:
+                done = snapshot.setdefault(sid, set())
+                if task_ids and len(done) >= len(task_ids):
+                    continue  # everything of this session was reported already
+                session_answer = answers.pop(sid, None) or self._result(sid, after=None)
+                for item in session_answer.terminal():
+                    if item[0] not in done:
+                        new.append(item)
+                        new_by_session.append((sid, item[0]))
+            remaining = deadline - time.monotonic()
+            if new or remaining <= 0:
+                break
+            time.sleep(min(self._pull_interval(), remaining))
+        batch = self._batch(new, [], None, False)
+        # Marked as seen only now that the outputs were read: if the read failed, the same tasks
+        # are reported by the next poll instead of being lost.
+        with self._lock:
+            seen = self._listeners.setdefault(listener, {})
+            for sid, tid in new_by_session:
+                seen.setdefault(sid, set()).add(tid)
+        return batch
+
+    def forget_listener(self, listener: str) -> None:
+        """Drop what the fallback mode remembers about ``listener`` (nothing else changes)."""
+        with self._lock:
+            self._listeners.pop(listener, None)
+
+    def _pull_interval(self) -> float:
+        config = self.config
+        return config.results_pull_interval_sec if config is not None else 0.5
+
+    def get_results(self, submission_response: dict[str, Any], timeout_sec: float = 0) -> dict[str, Any]:
+        """The seed's blocking call: wait until every task of ``submission_response`` is in a
+        terminal state, or until ``timeout_sec`` has passed (0 or None: no limit, as in the seed),
+        then return what is done, in the seed's shape::
+
+            {'finished': [...], 'finished_OUTPUT': [decoded outputs], 'failed': [...],
+             'failed_OUTPUT': [...], 'failed_reason': [...], 'cancelled': [...],
+             'cancelled_OUTPUT': [...], 'metadata': {'tasks_in_response': n}}
+
+        A timeout is not an error: the answer simply lists fewer tasks than were sent (compare
+        ``metadata.tasks_in_response`` with ``len(task_ids)``). Uses long polls where the server
+        offers them, else polls every ``dynamodb_results_pull_interval_sec``. Outputs are read in
+        one batched read at the end; a finished task whose output is missing is reported as failed
+        with a reason. Lists follow the order of ``task_ids``.
+        """
+        sid, task_ids = _check_submission(submission_response)
+        expected = set(task_ids)
+        deadline = time.monotonic() + timeout_sec if timeout_sec and timeout_sec > 0 else None
+        states: dict[str, tuple[str, str]] = {}
+        cursor: str | None = None
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            wait = MAX_WAIT_SEC if remaining is None else max(0.0, min(MAX_WAIT_SEC, remaining))
+            answer = self._result(sid, after=cursor, wait_sec=wait)
+            if answer.has_cursor:
+                cursor = answer.cursor
+            else:
+                states = {}  # a plain answer is the whole picture each time
+            for tid, state, reason in answer.terminal():
+                states[tid] = (state, reason)
+            if expected <= states.keys():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if not answer.has_cursor:
+                pause = self._pull_interval()
+                if deadline is not None:
+                    pause = min(pause, max(0.0, deadline - time.monotonic()))
+                time.sleep(pause)
+
+        order = {tid: i for i, tid in enumerate(task_ids)}
+        ranked = sorted(states, key=lambda tid: (order.get(tid, len(order)), tid))
+        finished = [tid for tid in ranked if states[tid][0] == "finished"]
+        outputs, broken = self._read_outputs(finished)
+        result: dict[str, Any] = {name: [] for name in (
+            "finished", "finished_OUTPUT", "failed", "failed_OUTPUT", "failed_reason",
+            "cancelled", "cancelled_OUTPUT")}
+        for tid in ranked:
+            state, reason = states[tid]
+            if state == "finished" and tid in outputs:
+                result["finished"].append(tid)
+                result["finished_OUTPUT"].append(outputs[tid])
+            elif state in ("finished", "failed"):
+                result["failed"].append(tid)
+                result["failed_OUTPUT"].append(wire.OUTPUT_PLACEHOLDER)
+                result["failed_reason"].append(broken.get(tid, reason))
+            else:
+                result["cancelled"].append(tid)
+                result["cancelled_OUTPUT"].append(wire.OUTPUT_PLACEHOLDER)
+        result["metadata"] = {"tasks_in_response": len(ranked)}
+        return result
+
+    # ------------------------------------------------------------------------------ cancel
+
+    def cancel_sessions(self, session_ids: list[str]) -> dict[str, Any]:
+        """Cancel every pending and processing task of each session; returns the seed's shape,
+        ``{sid: {'cancelled_pending': a, 'cancelled_processing': b, 'total_cancelled_tasks': a+b}}``.
+        An empty list sends nothing and returns ``{}``."""
+        _, transport, _ = self._parts()
+        if isinstance(session_ids, str) or not isinstance(session_ids, (list, tuple)):
+            raise BadRequestError("session_ids must be a list of session ids")
+        ids = [_check_id(sid, "session id") for sid in session_ids]
+        if not ids:
+            return {}
+        content = wire.encode_query({"session_ids_to_cancel": ids})
+        answer = transport.request("POST", "/cancel", {"submission_content": content}, retry=True)
+        if not isinstance(answer, dict):
+            raise ControlPlaneError("POST /cancel: the grid's answer is not a JSON object")
+        return answer
+
+    def cancel_tasks(self, task_ids: list[str]) -> dict[str, int]:
+        """Cancel single tasks (a local-grid extension); returns ``{'cancelled_pending',
+        'cancelled_processing', 'total_cancelled_tasks'}``. Tasks already terminal are not
+        counted. Raises ControlPlaneError when the server is a plain deployment, which cannot
+        cancel single tasks."""
+        _, transport, _ = self._parts()
+        if isinstance(task_ids, str) or not isinstance(task_ids, (list, tuple)):
+            raise BadRequestError("task_ids must be a list of task ids")
+        ids = list(task_ids)
+        for tid in ids:
+            if not isinstance(tid, str):
+                raise BadRequestError(f"task ids must be strings, got {tid!r}")
+            wire.session_of(tid)  # PayloadError for something that is not a task id
+        if not ids:
+            return {"cancelled_pending": 0, "cancelled_processing": 0, "total_cancelled_tasks": 0}
+        content = wire.encode_query({"session_ids_to_cancel": [], "task_ids_to_cancel": ids})
+        answer = transport.request("POST", "/cancel", {"submission_content": content}, retry=True)
+        counts = answer.get("tasks") if isinstance(answer, dict) else None
+        if not isinstance(counts, dict):
+            raise ControlPlaneError(
+                "POST /cancel: this grid cannot cancel single tasks (a plain HTC-Grid deployment); "
+                "cancel whole sessions with cancel_sessions()"
+            )
+        return {key: int(counts.get(key, 0)) for key in
+                ("cancelled_pending", "cancelled_processing", "total_cancelled_tasks")}
+
+    # ------------------------------------------------------------------------------ cleanup
+
+    def delete_session_data(self, submission_response: dict[str, Any]) -> None:
+        """Delete a session's keys from the data plane: ``<sid>-payload`` and each task's
+        ``-input`` and ``-output``, in one batched delete. Missing keys are ignored."""
+        sid, task_ids = _check_submission(submission_response)
+        keys = [wire.payload_key(sid)]
+        for tid in task_ids:
+            keys.append(wire.input_key(tid))
+            keys.append(wire.output_key(tid))
+        self.store.delete_many(keys)
+
+    def close(self) -> None:
+        """Close the HTTP pool, the data-plane connections and the S3 thread pool. Repeatable;
+        calls made afterwards raise GridError."""
+        with self._lock:
+            transport, store = self._transport, self._store
+            self._closed = True
+        errors: list[BaseException] = []
+        for resource in (transport, store):
+            if resource is None:
+                continue
+            try:
+                resource.close()
+            except Exception as exc:  # close both even if one fails
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> AWSConnector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

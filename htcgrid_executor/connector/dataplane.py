@@ -1,0 +1,380 @@
+"""The data plane: where task inputs, submission payloads and outputs live, under the keys of
+:mod:`htcgrid_executor.wire`.
+
+One small interface, :class:`DataPlane`, three implementations (``grid_storage_service``):
+
+* ``REDIS``: :class:`RedisStore`. Each batch is one round trip (a pipeline of MSET/MGET/DEL chunks).
+* ``S3``: :class:`S3Store`. One object per key in the bucket, the same key names; a batch runs its
+  requests in parallel on a small thread pool that :meth:`S3Store.close` shuts down.
+* ``S3+REDIS``: :class:`LayeredStore`. Writes go to both, reads come from Redis and fall back to
+  S3 for keys Redis does not have (evicted under memory pressure, as a deployment's Redis is
+  configured to do).
+
+Errors of redis and botocore are translated here: a store that cannot be reached raises
+:class:`GridUnavailableError`, one that refuses or fails an operation raises :class:`StorageError`,
+always with the original as ``__cause__``. Values are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import ConfigurationError, GridUnavailableError, StorageError
+from .config import ClientConfig
+
+__all__ = [
+    "DataPlane",
+    "RedisStore",
+    "S3Store",
+    "LayeredStore",
+    "redis_connection_kwargs",
+    "make_store",
+    "REDIS_DEFAULT_PORT",
+]
+
+logger = logging.getLogger(__name__)
+
+REDIS_DEFAULT_PORT = 6379
+
+# Keys per MSET/MGET/DEL command inside one pipeline: one huge command would make Redis build one
+# huge reply and block every other client meanwhile; chunks keep each command short while the
+# whole batch still travels in one round trip.
+_REDIS_CHUNK = 500
+# S3 DeleteObjects takes at most 1000 keys per request.
+_S3_DELETE_CHUNK = 1000
+
+
+class DataPlane:
+    """Interface of a data-plane store. Thread-safe: the executor writes from its submitting
+    thread while its poller reads."""
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        """Write every ``key -> value``; returns when all are stored. Raises StorageError or
+        GridUnavailableError (some keys may then have been written)."""
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read ``keys``; the result is parallel to ``keys``, None for a key that does not exist."""
+        raise NotImplementedError
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete ``keys``; keys that do not exist are ignored."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections and threads. Repeatable."""
+
+    def __enter__(self) -> DataPlane:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- Redis
+
+
+def redis_connection_kwargs(url: str, password: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``redis.Redis`` from a config's ``redis_url``.
+
+    ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs are taken as redis-py parses them. A
+    bare host name (what a deployment writes: an ElastiCache endpoint), optionally ``host:port``,
+    means TLS on port 6379. ``password`` (config key ``redis_password``) is used unless the URL
+    carries one. Raises ConfigurationError naming ``redis_url`` for a malformed URL.
+    """
+    from redis.connection import parse_url
+
+    if "://" in url:
+        try:
+            kwargs = parse_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"config key 'redis_url' is not a Redis URL: {exc}") from exc
+    else:
+        host, sep, port_text = url.rpartition(":")
+        if not sep:
+            host, port_text = url, ""
+        if not host or "/" in host:
+            raise ConfigurationError(f"config key 'redis_url' is not a host name or Redis URL: {url!r}")
+        try:
+            port = int(port_text) if port_text else REDIS_DEFAULT_PORT
+        except ValueError:
+            raise ConfigurationError(f"config key 'redis_url' has a bad port: {url!r}") from None
+        kwargs = {"host": host, "port": port, "ssl": True}
+    if password and "password" not in kwargs:
+        kwargs["password"] = password
+    return kwargs
+
+
+def _redis_error(exc: Exception, what: str) -> Exception:
+    import redis.exceptions as rex
+
+    # AuthenticationError is a ConnectionError subclass in redis-py: a refused password is not an
+    # unreachable server, so it is checked first.
+    if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
+        return StorageError(f"data plane (Redis) refused the credentials while trying to {what}: {exc}")
+    if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
+        return GridUnavailableError(f"data plane (Redis) unreachable while trying to {what}: {exc}")
+    return StorageError(f"data plane (Redis) failed to {what}: {exc}")
+
+
+class RedisStore(DataPlane):
+    """The data plane on Redis; each call is one round trip whatever the number of keys."""
+
+    def __init__(self, url: str, *, password: str | None = None, socket_timeout: float = 30.0,
+                 connect_timeout: float = 10.0) -> None:
+        import redis
+
+        kwargs = redis_connection_kwargs(url, password)
+        kwargs.setdefault("socket_timeout", socket_timeout)
+        kwargs.setdefault("socket_connect_timeout", connect_timeout)
+        if kwargs.get("connection_class") is not None:
+            # parse_url gives connection_class for unix:// and rediss://; Redis() wants flags
+            pool = redis.ConnectionPool(**kwargs)
+            self._client = redis.Redis(connection_pool=pool)
+        else:
+            self._client = redis.Redis(**kwargs)
+        self._where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port', REDIS_DEFAULT_PORT)}"
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where})"
+
+    @property
+    def client(self) -> Any:
+        """The underlying ``redis.Redis`` (for tests and tools)."""
+        return self._client
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        if not items:
+            return
+        pairs = list(items.items())
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(pairs), _REDIS_CHUNK):
+                pipe.mset(dict(pairs[start:start + _REDIS_CHUNK]))
+            pipe.execute()
+        except Exception as exc:  # redis-py raises RedisError and OSError subclasses
+            raise _redis_error(exc, f"write {len(pairs)} keys") from exc
+        logger.debug("redis %s: wrote %d keys", self._where, len(pairs))
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        keys = list(keys)
+        if not keys:
+            return []
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), _REDIS_CHUNK):
+                pipe.mget(keys[start:start + _REDIS_CHUNK])
+            chunks = pipe.execute()
+        except Exception as exc:
+            raise _redis_error(exc, f"read {len(keys)} keys") from exc
+        return [value for chunk in chunks for value in chunk]
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), _REDIS_CHUNK):
+                pipe.delete(*keys[start:start + _REDIS_CHUNK])
+            pipe.execute()
+        except Exception as exc:
+            raise _redis_error(exc, f"delete {len(keys)} keys") from exc
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # closing a broken connection must not hide the error that broke it
+            logger.debug("redis %s: error while closing", self._where, exc_info=True)
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+def _s3_error(exc: Exception, what: str) -> Exception:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, (BotoConnectionError, OSError)):
+        return GridUnavailableError(f"data plane (S3) unreachable while trying to {what}: {exc}")
+    return StorageError(f"data plane (S3) failed to {what}: {exc}")
+
+
+def _s3_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class S3Store(DataPlane):
+    """The data plane on S3: one object per key in ``bucket``.
+
+    A batch runs up to ``max_workers`` requests at once on a thread pool created on first use
+    (threads named ``htcgrid-s3``) and shut down by :meth:`close`. ``kms_key_id`` (config key
+    ``s3_kms_key_id``) asks for SSE-KMS, as a deployment's bucket policy may require.
+    """
+
+    def __init__(self, bucket: str, *, region: str | None = None, kms_key_id: str | None = None,
+                 max_workers: int = 16, client: Any = None, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self._kms_key_id = kms_key_id
+        self._max_workers = max(1, max_workers)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # one pooled connection per worker thread, and botocore's own retries for throttling
+            config = Config(max_pool_connections=self._max_workers, retries={"mode": "standard"})
+            # endpoint_url None lets botocore honour AWS_ENDPOINT_URL(_S3) as usual
+            client = boto3.client("s3", region_name=region, config=config, endpoint_url=endpoint_url)
+        self._client = client
+        self._lock = threading.Lock()  # guards _pool creation and shutdown
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r})"
+
+    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
+        if len(items) == 1:  # no thread hop for the common single-key call
+            return [fn(items[0])]
+        with self._lock:
+            if self._closed:
+                raise StorageError("data plane (S3) store is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="htcgrid-s3")
+            pool = self._pool
+        return list(pool.map(fn, items))
+
+    def _put_one(self, item: tuple[str, bytes]) -> None:
+        key, value = item
+        extra: dict[str, Any] = {}
+        if self._kms_key_id:
+            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id}
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=value, **extra)
+
+    def _get_one(self, key: str) -> bytes | None:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            if _s3_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        body = response["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        if not items:
+            return
+        try:
+            self._map(self._put_one, list(items.items()))
+        except (GridUnavailableError, StorageError):
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, f"write {len(items)} keys to bucket {self.bucket!r}") from exc
+        logger.debug("s3 %s: wrote %d keys", self.bucket, len(items))
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        keys = list(keys)
+        if not keys:
+            return []
+        try:
+            return self._map(self._get_one, keys)
+        except (GridUnavailableError, StorageError):
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, f"read {len(keys)} keys from bucket {self.bucket!r}") from exc
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        try:
+            for start in range(0, len(keys), _S3_DELETE_CHUNK):
+                chunk = keys[start:start + _S3_DELETE_CHUNK]
+                answer = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+                )
+                errors = answer.get("Errors") or []
+                if errors:
+                    first = errors[0]
+                    raise StorageError(
+                        f"data plane (S3) could not delete {len(errors)} keys from bucket {self.bucket!r}: "
+                        f"{first.get('Code')}: {first.get('Message')}"
+                    )
+        except (GridUnavailableError, StorageError):
+            raise
+        except Exception as exc:
+            raise _s3_error(exc, f"delete {len(keys)} keys from bucket {self.bucket!r}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------------------- layered
+
+
+class LayeredStore(DataPlane):
+    """``S3+REDIS``: write to both stores, read from ``cache`` (Redis) first and from ``backing``
+    (S3) for the keys the cache does not have. Deletes go to both."""
+
+    def __init__(self, cache: DataPlane, backing: DataPlane) -> None:
+        self.cache = cache
+        self.backing = backing
+
+    def __repr__(self) -> str:
+        return f"LayeredStore({self.cache!r} over {self.backing!r})"
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        # S3 first: once a key is in the durable store, a failure writing the cache loses nothing
+        # a reader cannot find through the fallback.
+        self.backing.put_many(items)
+        self.cache.put_many(items)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        keys = list(keys)
+        values = self.cache.get_many(keys)
+        missing = [i for i, value in enumerate(values) if value is None]
+        if missing:
+            found = self.backing.get_many([keys[i] for i in missing])
+            for i, value in zip(missing, found, strict=True):
+                values[i] = value
+        return values
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        self.cache.delete_many(keys)
+        self.backing.delete_many(keys)
+
+    def close(self) -> None:
+        try:
+            self.cache.close()
+        finally:
+            self.backing.close()
+
+
+def make_store(config: ClientConfig) -> DataPlane:
+    """The store a config's ``grid_storage_service`` names. Connects lazily (nothing is contacted
+    until the first read or write)."""
+    redis_store = s3_store = None
+    if config.uses_redis:
+        assert config.redis_url is not None  # checked by ClientConfig
+        redis_store = RedisStore(config.redis_url, password=config.redis_password)
+    if config.uses_s3:
+        assert config.s3_bucket is not None
+        s3_store = S3Store(config.s3_bucket, region=config.region, kms_key_id=config.s3_kms_key_id)
+    if redis_store is not None and s3_store is not None:
+        return LayeredStore(redis_store, s3_store)
+    store = redis_store or s3_store
+    assert store is not None
+    return store
