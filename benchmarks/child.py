@@ -1,0 +1,381 @@
+"""One executor's measurements, run in its own process: ``python -m benchmarks.child ...``.
+
+The parent (:mod:`benchmarks.run`) starts one child per executor (and one more for the scale run,
+so that its peak memory is its own), and reads JSON lines from it on the original stdout::
+
+    {"event": "start", "section": "map_c1"}
+    {"event": "result", "section": "map_c1", "data": {...}}
+    {"event": "error", "section": "map_c1", "error": "...", "traceback": "..."}
+
+Anything else the executors print goes to stderr (fd 1 is redirected there), so a chatty peer
+cannot corrupt the protocol. The parent enforces each section's wall-clock bound by killing this
+process group; sections that can shorten themselves (``outstanding``) also get their budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any
+
+from . import tasks
+from .executors import NotAvailable, make_executor, map_supports_buffersize
+from .instrument import (
+    GridRedisCounters,
+    ProcessCounters,
+    connector_counters,
+    find_attr_of_type,
+)
+from .profile import SpySession, process_cpu
+
+__all__ = ["main"]
+
+
+class _Protocol:
+    """Writes JSON lines on the original stdout, whatever the executors do with fd 1."""
+
+    def __init__(self) -> None:
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        self._lock = threading.Lock()
+
+    def send(self, **message: Any) -> None:
+        with self._lock:
+            self._out.write(json.dumps(message, default=str) + "\n")
+            self._out.flush()
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _children_rss() -> int:
+    import psutil
+
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class _Sampler(threading.Thread):
+    """Samples (elapsed s, progress, client RSS, children RSS) every ``interval`` seconds."""
+
+    def __init__(self, progress, interval: float = 0.1, with_children: bool = True) -> None:
+        super().__init__(name="bench-rss-sampler", daemon=True)
+        self._progress = progress
+        self._interval = interval
+        self._with_children = with_children
+        self._stop = threading.Event()
+        self.samples: list[tuple[float, int, int, int]] = []
+        self._t0 = time.perf_counter()
+
+    def sample(self) -> None:
+        children = _children_rss() if self._with_children else 0
+        self.samples.append((time.perf_counter() - self._t0, self._progress(), _rss(), children))
+
+    def run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def stop(self) -> list[tuple[float, int, int, int]]:
+        self._stop.set()
+        self.join()
+        self.sample()
+        return self.samples
+
+
+class _Instruments:
+    """Control-plane counters for HTCGridExecutor; empty snapshots for the peers."""
+
+    def __init__(self, name: str, process_counters: ProcessCounters | None) -> None:
+        self.process = process_counters
+        self.connector = None
+        self.redis: GridRedisCounters | None = None
+        self.notes: list[str] = []
+        self.enabled = name == "htcgrid"
+
+    def attach(self, executor: Any) -> None:
+        if not self.enabled:
+            return
+        self.connector = find_attr_of_type(executor, ("AWSConnector",))
+        if self.connector is None:
+            self.notes.append("no AWSConnector found on the executor")
+        elif connector_counters(self.connector) is None:
+            self.notes.append("the connector exposes no counters; counted from outside")
+        grid = find_attr_of_type(executor, ("LocalGrid",))
+        config = getattr(grid, "client_config", None) if grid is not None else None
+        if callable(config):
+            config = config()
+        if isinstance(config, dict) and config.get("redis_url"):
+            try:
+                self.redis = GridRedisCounters(config["redis_url"], config.get("redis_password"))
+            except Exception as exc:
+                self.notes.append(f"grid Redis INFO unavailable: {type(exc).__name__}: {exc}")
+        else:
+            self.notes.append("no LocalGrid.client_config redis_url found: no Redis INFO counts")
+
+    def snapshot(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        snap: dict[str, Any] = {}
+        if self.process is not None:
+            snap.update(self.process.snapshot())
+        if self.connector is not None:
+            counters = connector_counters(self.connector)
+            if counters:
+                snap["connector"] = counters
+        if self.redis is not None:
+            try:
+                snap.update(self.redis.snapshot())
+            except Exception as exc:
+                snap["redis_error"] = f"{type(exc).__name__}: {exc}"
+        return snap
+
+
+def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            sub = {k: v - old.get(k, 0) for k, v in value.items() if isinstance(v, int | float)}
+            out[key] = {k: v for k, v in sub.items() if v}
+        elif isinstance(value, int | float) and isinstance(old, int | float):
+            out[key] = value - old
+    return out
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _map_throughput(ex, items: int, chunksize: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    count = 0
+    for _ in ex.map(tasks.noop, range(items), chunksize=chunksize):
+        count += 1
+    wall = time.perf_counter() - t0
+    if count != items:
+        raise RuntimeError(f"map returned {count} results for {items} items")
+    return {"items": items, "chunksize": chunksize, "wall_s": wall, "tasks_per_s": items / wall}
+
+
+def _latency(ex, n: int) -> dict[str, Any]:
+    samples = []
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        ex.submit(tasks.noop, i).result()
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    ordered = sorted(samples)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    return {
+        "n": n,
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "max_ms": ordered[-1],
+        "mean_ms": sum(samples) / n,
+        "samples_ms": samples,
+    }
+
+
+def _sleep10(ex, n: int, workers: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    results = list(ex.map(tasks.sleep_10ms, range(n)))
+    wall = time.perf_counter() - t0
+    if len(results) != n:
+        raise RuntimeError(f"map returned {len(results)} results for {n} items")
+    ideal = n * 0.010 / workers
+    return {"n": n, "wall_s": wall, "ideal_s": ideal, "efficiency": ideal / wall}
+
+
+def _outstanding(ex, n: int, workers: int, budget_s: float) -> dict[str, Any]:
+    """Client memory per outstanding future: hold every worker on a gate, submit n no-ops."""
+    gate_dir = tempfile.mkdtemp(prefix="bench-gate-")
+    gate = os.path.join(gate_dir, "open")
+    gates = [ex.submit(tasks.wait_for_file, gate, budget_s) for _ in range(workers)]
+    time.sleep(0.2)  # let the gates reach the workers before the no-ops queue behind them
+    futures: list[Any] = []
+    sampler = _Sampler(lambda: len(futures), with_children=False)
+    gc.collect()
+    rss0 = _rss()
+    sampler.sample()
+    deadline = time.perf_counter() + 0.5 * budget_s  # leave time to drain and shut down
+    step = max(1, n // 50)
+    t0 = time.perf_counter()
+    for i in range(n):
+        futures.append(ex.submit(tasks.noop, i))
+        if i % step == step - 1:
+            sampler.sample()
+            if time.perf_counter() > deadline:
+                break
+    submit_s = time.perf_counter() - t0
+    gc.collect()
+    rss1 = _rss()
+    sampler.sample()
+    outstanding = sum(1 for f in futures if not f.done())
+    submitted = len(futures)
+    with open(gate, "w"):
+        pass
+    for f in gates + futures:
+        f.result(timeout=budget_s)
+    os.remove(gate)
+    os.rmdir(gate_dir)
+    return {
+        "submitted": submitted,
+        "outstanding_at_measure": outstanding,
+        "submit_s": submit_s,
+        "submit_per_s": submitted / submit_s if submit_s else None,
+        "rss_before": rss0,
+        "rss_after": rss1,
+        "bytes_per_future": (rss1 - rss0) / submitted if submitted else None,
+        "samples": [(s[1], s[2]) for s in sampler.samples],
+    }
+
+
+def _scale(ex, items: int, chunksize: int, buffersize: int) -> dict[str, Any]:
+    consumed = 0
+    sampler = _Sampler(lambda: consumed, interval=0.1)
+    gc.collect()
+    rss0 = _rss()
+    sampler.start()
+    t0 = time.perf_counter()
+    for _ in ex.map(tasks.noop, range(items), chunksize=chunksize, buffersize=buffersize):
+        consumed += 1
+    wall = time.perf_counter() - t0
+    samples = sampler.stop()
+    if consumed != items:
+        raise RuntimeError(f"map returned {consumed} results for {items} items")
+    # ru_maxrss: kB on Linux; the whole process's life, start-up included.
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "items": items,
+        "chunksize": chunksize,
+        "buffersize": buffersize,
+        "wall_s": wall,
+        "tasks_per_s": items / wall,
+        "rss_before": rss0,
+        "peak_rss_sampled": max(s[2] for s in samples),
+        "peak_children_rss_sampled": max(s[3] for s in samples),
+        "ru_maxrss": maxrss,
+        "samples": samples,
+    }
+
+
+def _run(args: argparse.Namespace, proto: _Protocol) -> None:
+    params = json.loads(args.params)
+    budgets = json.loads(args.budgets)
+    sections = args.sections.split(",")
+    name, workers = args.executor, args.workers
+
+    if "scale" in sections:
+        try:
+            supported = map_supports_buffersize(name)
+        except NotAvailable as exc:
+            proto.send(event="unavailable", error=str(exc))
+            return
+        if not supported:
+            proto.send(event="result", section="scale", data={"status": "n/a", "reason": "map() has no buffersize"})
+            return
+
+    counters = ProcessCounters().install() if name == "htcgrid" else None
+    instruments = _Instruments(name, counters)
+    proto.send(event="start", section="startup")
+    t0 = time.perf_counter()
+    try:
+        ex, close, _extras = make_executor(name, workers)
+    except NotAvailable as exc:
+        proto.send(event="unavailable", error=str(exc))
+        return
+    try:
+        # Warm-up: every worker started and every code path imported before any timing.
+        list(ex.map(tasks.noop, range(8 * workers)))
+        for i in range(20):
+            ex.submit(tasks.noop, i).result()
+        instruments.attach(ex)
+        proto.send(
+            event="result",
+            section="startup",
+            data={"start_s": time.perf_counter() - t0, "instrument_notes": instruments.notes,
+                  "counters_installed": counters.installed if counters else []},
+        )
+        spy = SpySession()
+        for section in sections:
+            p = params.get(section, {})
+            proto.send(event="start", section=section)
+            spy.start(section)
+            cpu_before = process_cpu()
+            before = instruments.snapshot()
+            try:
+                if section == "map_c1":
+                    data = _map_throughput(ex, p["items"], 1)
+                elif section == "map_c100":
+                    data = _map_throughput(ex, p["items"], 100)
+                elif section == "latency":
+                    data = _latency(ex, p["n"])
+                elif section == "sleep10":
+                    data = _sleep10(ex, p["n"], workers)
+                elif section == "outstanding":
+                    data = _outstanding(ex, p["n"], workers, budgets.get(section, 120))
+                elif section == "scale":
+                    data = _scale(ex, p["items"], p["chunksize"], p["buffersize"])
+                else:
+                    raise ValueError(f"unknown section {section!r}")
+            except Exception as exc:
+                spy.stop()
+                proto.send(event="error", section=section, error=f"{type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc())
+                continue
+            delta = _diff(instruments.snapshot(), before)
+            if delta:
+                data["counters"] = delta
+            cpu_after = process_cpu()
+            spy.stop()
+            data["cpu"] = {
+                pid: {"role": p["role"], "cpu_s": p["cpu_s"] - cpu_before.get(pid, {}).get("cpu_s", 0.0)}
+                for pid, p in cpu_after.items() if p["role"] != "py-spy"
+            }
+            proto.send(event="result", section=section, data=data)
+    finally:
+        proto.send(event="start", section="shutdown")
+        t1 = time.perf_counter()
+        close()
+        proto.send(event="result", section="shutdown", data={"shutdown_s": time.perf_counter() - t1})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.child")
+    parser.add_argument("--executor", required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--sections", required=True, help="comma-separated section names")
+    parser.add_argument("--params", default="{}", help="JSON: section -> parameters")
+    parser.add_argument("--budgets", default="{}", help="JSON: section -> wall-clock bound (s)")
+    args = parser.parse_args(argv)
+    proto = _Protocol()
+    try:
+        _run(args, proto)
+    except BaseException as exc:
+        proto.send(event="fatal", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        return 1
+    proto.send(event="done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

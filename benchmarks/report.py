@@ -1,0 +1,381 @@
+"""The markdown report and the PNG plots of one run (``benchmarks.md``, ``img/*.png``).
+
+The part of an existing ``benchmarks.md`` between the ``HAND_BEGIN``/``HAND_END`` markers (the
+"where the time goes" analysis, written by people from profiles) is kept when the report is
+regenerated; everything else is rewritten from the run's figures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from pathlib import Path
+
+from .executors import EXECUTORS, LABELS
+
+__all__ = ["write_report", "HAND_BEGIN", "HAND_END"]
+
+HAND_BEGIN = "<!-- hand-written: begin (kept when the report is regenerated) -->"
+HAND_END = "<!-- hand-written: end -->"
+REF = "process"
+MB = 1024 * 1024
+
+
+def _ok(section: dict | None) -> bool:
+    return bool(section) and section.get("status") == "ok"
+
+
+def _status(section: dict | None) -> str:
+    if not section:
+        return "—"
+    status = section.get("status", "?")
+    return status
+
+
+def _ratio(value: float | None, ref: float | None) -> str:
+    if value is None or not ref:
+        return ""
+    return f" ({value / ref:.2f}×)"
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}/s"
+
+
+def _cell(results: dict, name: str, section: str, fmt, key: str, ref_key: str | None = None) -> str:
+    sec = results.get(name, {}).get(section)
+    if not _ok(sec):
+        return _status(sec)
+    value = sec.get(key)
+    if value is None:
+        return "n/a"
+    ref_sec = results.get(REF, {}).get(section)
+    ref = ref_sec.get(ref_key or key) if _ok(ref_sec) and name != REF else None
+    return fmt(value) + _ratio(value, ref)
+
+
+def _main_table(doc: dict) -> str:
+    results, cfg = doc["results"], doc["config"]
+    w = cfg["workers"]
+    head = (
+        f"| executor ({w} workers) | start (s) | map no-op, chunksize 1 | map no-op, chunksize 100 "
+        f"| submit→result p50 | p99 | 10 ms tasks: efficiency (wall) |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name in EXECUTORS:
+        label = LABELS[name]
+        if name in cfg["skipped"]:
+            rows.append(f"| {label} | not run ({cfg['skipped'][name]}) | | | | | |")
+            continue
+        r = results.get(name, {})
+        start = r.get("startup", {})
+        start_cell = f"{start['start_s']:.2f}" if _ok(start) else _status(start)
+        c1 = _cell(results, name, "map_c1", _rate, "tasks_per_s")
+        c100 = _cell(results, name, "map_c100", _rate, "tasks_per_s")
+        if name == "dask":
+            c100 += " (chunksize ignored)" if _ok(r.get("map_c100")) else ""
+        p50 = _cell(results, name, "latency", lambda v: f"{v:.2f} ms", "p50_ms")
+        p99 = _cell(results, name, "latency", lambda v: f"{v:.2f} ms", "p99_ms")
+        sl = r.get("sleep10")
+        if _ok(sl):
+            ref = results.get(REF, {}).get("sleep10")
+            eff = f"{sl['efficiency']:.0%} ({sl['wall_s']:.2f} s vs {sl['ideal_s']:.2f} s)"
+            if _ok(ref) and name != REF:
+                eff += f", {sl['efficiency'] / ref['efficiency']:.2f}×"
+        else:
+            eff = _status(sl)
+        rows.append(f"| {label} | {start_cell} | {c1} | {c100} | {p50} | {p99} | {eff} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _scale_table(doc: dict) -> str:
+    results, cfg = doc["results"], doc["config"]
+    head = (
+        f"| executor | {cfg['scale_items']:,}-item map, chunksize {cfg['scale_chunksize']}, buffersize "
+        f"{cfg['buffersize']:,} | vs its {cfg['map_items']:,}-item run | client peak RSS (start) "
+        f"| grid/worker processes peak RSS | client memory per outstanding future |\n"
+        "|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name in EXECUTORS:
+        label = LABELS[name]
+        if name in cfg["skipped"]:
+            rows.append(f"| {label} | not run ({cfg['skipped'][name]}) | | | | |")
+            continue
+        r = results.get(name, {})
+        sc = r.get("scale")
+        if _ok(sc):
+            tput = _rate(sc["tasks_per_s"])
+            base = r.get("map_c1") if cfg["scale_chunksize"] == 1 else None
+            vs = f"{sc['tasks_per_s'] / base['tasks_per_s']:.0%}" if _ok(base) else ""
+            peak = f"{sc['peak_rss_sampled'] / MB:.0f} MB ({sc['rss_before'] / MB:.0f} MB)"
+            grid = f"{sc['peak_children_rss_sampled'] / MB:.0f} MB"
+        elif sc and sc.get("status") == "n/a":
+            tput, vs, peak, grid = f"n/a: {sc.get('reason', '')}", "", "", ""
+        else:
+            tput, vs, peak, grid = _status(sc), "", "", ""
+        out = r.get("outstanding")
+        if _ok(out) and out.get("bytes_per_future") is not None:
+            per = (f"{out['bytes_per_future'] / 1024:.2f} KB ({out['submitted']:,} submitted, "
+                   f"{out['outstanding_at_measure']:,} outstanding)")
+        else:
+            per = _status(out)
+        rows.append(f"| {label} | {tput} | {vs} | {peak} | {grid} | {per} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _control_table(doc: dict) -> str:
+    r = doc["results"].get("htcgrid", {})
+    rows = []
+    top_lines = []
+    for section, label, tasks_key in (
+        ("map_c1", "map, chunksize 1", "items"),
+        ("map_c100", "map, chunksize 100", "items"),
+        ("latency", "submit→result, one at a time", "n"),
+        ("sleep10", "map of 10 ms tasks", "n"),
+        ("scale", "scale map (buffersize)", "items"),
+    ):
+        sec = r.get(section)
+        if not _ok(sec) or "counters" not in sec:
+            continue
+        n = sec[tasks_key]
+        c = sec["counters"]
+
+        def per_k(key: str, c=c, n=n) -> str:
+            return f"{c[key] * 1000 / n:,.1f}" if key in c else "n/a"
+
+        connector = c.get("connector") or {}
+        conn = ", ".join(f"{k} {v * 1000 / n:,.1f}" for k, v in sorted(connector.items())) or "not exposed"
+        rows.append(f"| {label} | {n:,} | {per_k('client_http_requests')} | {per_k('client_redis_round_trips')} "
+                    f"| {per_k('redis_commands')} | {conn} |")
+        stats = c.get("redis_commandstats") or {}
+        top = sorted(stats.items(), key=lambda kv: -kv[1])[:8]
+        if top:
+            top_lines.append(f"- {label}: " + ", ".join(f"`{k}` {v * 1000 / n:,.1f}" for k, v in top))
+    if not rows:
+        return "_Not measured: HTCGridExecutor did not run (see its row above)._\n"
+    start = r.get("startup", {})
+    notes = start.get("instrument_notes") or []
+    text = (
+        "Per 1,000 tasks. *client HTTP* and *client Redis* are requests and round trips (a pipeline is "
+        "one) sent by the client process, all threads; *grid Redis commands* are every command the "
+        "grid's Redis processed (client, HTTP routes, agents), from `INFO stats`.\n\n"
+        "| workload | tasks | client HTTP requests | client Redis round trips | grid Redis commands "
+        "| connector's own counters |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    if top_lines:
+        text += "\nMost frequent grid Redis commands per 1,000 tasks:\n\n" + "\n".join(top_lines) + "\n"
+    if notes:
+        text += "\nInstrumentation notes: " + "; ".join(notes) + ".\n"
+    return text
+
+
+def _targets(doc: dict) -> str:
+    results, cfg = doc["results"], doc["config"]
+    h, p = results.get("htcgrid", {}), results.get(REF, {})
+    rows = []
+
+    def verdict(ok: bool | None) -> str:
+        return "—" if ok is None else ("met" if ok else "**not met**")
+
+    def both(section: str) -> tuple[dict | None, dict | None]:
+        a, b = h.get(section), p.get(section)
+        return (a, b) if _ok(a) and _ok(b) else (None, None)
+
+    a, b = both("map_c1")
+    rows.append(("map throughput, chunksize 1 ≥ ProcessPoolExecutor",
+                 f"{a['tasks_per_s'] / b['tasks_per_s']:.2f}×" if a else "not measured",
+                 verdict(a['tasks_per_s'] >= b['tasks_per_s'] if a else None)))
+    a, b = both("map_c100")
+    rows.append(("map throughput, chunksize 100 ≥ ½ ProcessPoolExecutor",
+                 f"{a['tasks_per_s'] / b['tasks_per_s']:.2f}×" if a else "not measured",
+                 verdict(a['tasks_per_s'] >= 0.5 * b['tasks_per_s'] if a else None)))
+    lat = h.get("latency")
+    rows.append(("single-task round trip p50 < 2 ms",
+                 f"{lat['p50_ms']:.2f} ms" if _ok(lat) else "not measured",
+                 verdict(lat["p50_ms"] < 2 if _ok(lat) else None)))
+    sc, base = h.get("scale"), h.get("map_c1")
+    full = cfg["scale_items"] >= 1_000_000
+    if _ok(sc):
+        peak = sc["peak_rss_sampled"] / MB
+        rows.append((f"{cfg['scale_items']:,}-item map: client peak < 300 MB",
+                     f"{peak:.0f} MB" + ("" if full else " (not the 1M run)"), verdict(peak < 300 if full else None)))
+        if _ok(base):
+            ratio = sc["tasks_per_s"] / base["tasks_per_s"]
+            rows.append((f"{cfg['scale_items']:,}-item map throughput within 20% of the {cfg['map_items']:,}-item run",
+                         f"{ratio:.0%}", verdict(ratio >= 0.8 if full else None)))
+    else:
+        rows.append(("1,000,000-item map: peak < 300 MB, throughput within 20%", _status(sc), "—"))
+    rows.append(("control-plane cost per poll independent of session size",
+                 "see the control-plane table: per-1,000-task counts of the small and the large run", "—"))
+    return ("| target | measured | |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n")
+
+
+def _problems(doc: dict) -> str:
+    lines = []
+    for name in EXECUTORS:
+        r = doc["results"].get(name)
+        if not r:
+            continue
+        for key in ("_unavailable", "_fatal"):
+            if r.get(key):
+                lines.append(f"- {LABELS[name]}: {key.strip('_')}: `{r[key]}`")
+        if r.get("_leftover_processes"):
+            lines.append(f"- {LABELS[name]}: {r['_leftover_processes']} process(es) still alive after a "
+                         "clean shutdown (killed by the harness)")
+        for section, sec in r.items():
+            if isinstance(sec, dict) and sec.get("status") in ("error", "timeout"):
+                detail = sec.get("error") or f"no result within {sec.get('bound_s')} s"
+                lines.append(f"- {LABELS[name]} / {section}: {sec['status']}: `{str(detail)[:300]}`")
+    return "\n".join(lines) + "\n" if lines else "None.\n"
+
+
+def _plots(doc: dict, img: Path) -> list[tuple[str, str]]:
+    """Write the PNGs; return (title, relative path) pairs. No matplotlib: no plots."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    img.mkdir(parents=True, exist_ok=True)
+    results = doc["results"]
+    names = [n for n in EXECUTORS if n in results]
+    out = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        vals = [results[name].get(s, {}).get("tasks_per_s", 0) if _ok(results[name].get(s)) else 0
+                for s in ("map_c1", "map_c100")]
+        ax.bar([x + i * width for x in (0, 1)], vals, width, label=LABELS[name])
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in (0, 1)], ["chunksize 1", "chunksize 100"])
+    ax.set_yscale("log")
+    ax.set_ylabel("no-op tasks per second (log)")
+    ax.set_title(f"map throughput, {doc['config']['map_items']:,} items, {doc['config']['workers']} workers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "bench-throughput.png", dpi=100)
+    plt.close(fig)
+    out.append(("Throughput by chunksize", "img/bench-throughput.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        lat = results[name].get("latency")
+        if _ok(lat):
+            s = sorted(lat["samples_ms"])
+            ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=LABELS[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("submit(noop).result() round trip (ms, log)")
+    ax.set_ylabel("fraction of calls (CDF)")
+    ax.set_title("single-task latency distribution")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "bench-latency.png", dpi=100)
+    plt.close(fig)
+    out.append(("Latency distribution", "img/bench-latency.png"))
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        o = results[name].get("outstanding")
+        if _ok(o) and o.get("samples"):
+            base = o["samples"][0][1]
+            a1.plot([s[0] for s in o["samples"]], [(s[1] - base) / MB for s in o["samples"]], label=LABELS[name])
+        sc = results[name].get("scale")
+        if _ok(sc) and sc.get("samples"):
+            a2.plot([s[1] for s in sc["samples"]], [s[2] / MB for s in sc["samples"]],
+                    label=f"{LABELS[name]}: client")
+            a2.plot([s[1] for s in sc["samples"]], [s[3] / MB for s in sc["samples"]], linestyle="--",
+                    label=f"{LABELS[name]}: grid processes")
+    a1.set_xlabel("outstanding futures")
+    a1.set_ylabel("client RSS growth (MB)")
+    a1.set_title("client memory against outstanding futures")
+    if a1.get_legend_handles_labels()[0]:
+        a1.legend(fontsize=8)
+    a2.set_xlabel("results consumed")
+    a2.set_ylabel("RSS (MB)")
+    a2.set_title(f"{doc['config']['scale_items']:,}-item map with buffersize")
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend(fontsize=8)
+    else:
+        a2.text(0.5, 0.5, "no executor ran the scale run", ha="center", transform=a2.transAxes)
+    fig.tight_layout()
+    fig.savefig(img / "bench-memory.png", dpi=100)
+    plt.close(fig)
+    out.append(("Memory against task count", "img/bench-memory.png"))
+    return out
+
+
+def _hand_written(existing: Path) -> str:
+    if existing.exists():
+        text = existing.read_text()
+        if HAND_BEGIN in text and HAND_END in text:
+            return text[text.index(HAND_BEGIN): text.index(HAND_END) + len(HAND_END)]
+    return f"{HAND_BEGIN}\n_No analysis yet: profile with `python -m benchmarks --profile`._\n{HAND_END}"
+
+
+def write_report(doc: dict, out: Path) -> tuple[Path, str]:
+    """Write ``out/benchmarks.md`` and ``out/img/*.png``; return the path and the main table."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "benchmarks.md"
+    m, cfg = doc["machine"], doc["config"]
+    plots = _plots(doc, out / "img")
+    table = _main_table(doc)
+    versions = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    command = "python -m benchmarks " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
+        ("benchmarks", "__main__.py", "run.py")) else "python -m benchmarks"
+    parts = [
+        "# Benchmarks\n",
+        "HTCGridExecutor on the embedded local grid against its peers: the same work, the same worker "
+        f"count, one run. Generated by `{command}` on "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+        f"in {doc['elapsed_s']:.0f} s{' (--quick: small counts)' if cfg['quick'] else ''}.\n",
+        "## Machine\n",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; {m['os']}\n"
+        f"- {m['python']}; {versions}\n"
+        f"- commit {m['commit']}; {cfg['workers']} workers for every executor\n",
+        "## Throughput and latency\n",
+        "Ratios in parentheses are to ProcessPoolExecutor on the same run (higher is better for "
+        "throughput, lower for latency).\n",
+        table,
+        "How each figure is taken:\n\n"
+        f"- *map*: `list(ex.map(noop, range({cfg['map_items']:,}), chunksize=c))`, timed from the call to "
+        "the last result; `noop` returns its argument. dask's `ClientExecutor.map` drops `chunksize` "
+        "(one dask task per item), so its two columns measure the same thing.\n"
+        f"- *submit→result*: {cfg['latency_n']:,} calls of `ex.submit(noop, i).result()`, one at a time, "
+        "after a warm-up.\n"
+        f"- *10 ms tasks*: `map` of {cfg['sleep_n']:,} calls of `time.sleep(0.01)` (a sleep, not a busy "
+        f"loop, so the client and the grid do not compete with the work for the cores); efficiency = "
+        f"ideal `n × 10 ms / {cfg['workers']}` over the wall time.\n"
+        "- *start*: the executor's construction plus a warm-up (every worker started).\n"
+        "- Every executor runs in its own process, one after the other; dask with `pure=False` (otherwise "
+        "equal calls share a key and are served from memory).\n",
+        "## Scale and memory\n",
+        _scale_table(doc),
+        "\n- The scale run is a separate process per executor, its client RSS (psutil) sampled every "
+        "100 ms; the grid's or the pool's own processes are summed apart. `map(..., buffersize=)` "
+        "exists in the stdlib from Python 3.14, hence *n/a* for the peers on older Pythons.\n"
+        "- *memory per outstanding future*: every worker is held on a gate task, then no-ops are "
+        "submitted one by one; (RSS after − RSS before) / submitted, after `gc.collect()`.\n",
+        "## Control-plane calls (HTCGridExecutor)\n",
+        _control_table(doc),
+        "## Targets (issue 6)\n",
+        _targets(doc),
+        "## Plots\n",
+        "\n".join(f"![{t}]({p})" for t, p in plots) + "\n" if plots else "_matplotlib not installed: no plots._\n",
+        "## Timeouts, errors, leftovers\n",
+        _problems(doc),
+        "## Where the time goes\n",
+        _hand_written(md),
+        "\n",
+    ]
+    if doc.get("profile"):
+        from .profile import profile_markdown
+
+        parts += ["### Profile of this run (py-spy, generated)\n", profile_markdown(doc["profile"])]
+    md.write_text("\n".join(parts))
+    return md, table
+
