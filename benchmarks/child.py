@@ -106,6 +106,7 @@ class _Instruments:
         self.process = process_counters
         self.connector = None
         self.redis: GridRedisCounters | None = None
+        self.grid = None
         self.notes: list[str] = []
         self.enabled = name == "htcgrid"
 
@@ -117,7 +118,7 @@ class _Instruments:
             self.notes.append("no AWSConnector found on the executor")
         elif connector_counters(self.connector) is None:
             self.notes.append("the connector exposes no counters; counted from outside")
-        grid = find_attr_of_type(executor, ("LocalGrid",))
+        grid = self.grid = find_attr_of_type(executor, ("LocalGrid",))
         config = getattr(grid, "client_config", None) if grid is not None else None
         if callable(config):
             config = config()
@@ -135,6 +136,9 @@ class _Instruments:
         snap: dict[str, Any] = {}
         if self.process is not None:
             snap.update(self.process.snapshot())
+        served = getattr(self.grid, "requests_served", None)
+        if isinstance(served, int):
+            snap["grid_http_requests_served"] = served
         if self.connector is not None:
             counters = connector_counters(self.connector)
             if counters:

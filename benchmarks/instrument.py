@@ -4,10 +4,13 @@ Three sources, each optional, all read as snapshots whose differences a section 
 
 - ``connector``: counters the connector exposes itself, if it does (preferred, exact per layer);
 - ``client_http_requests`` / ``client_redis_round_trips``: HTTP requests started and Redis
-  commands or pipelines sent *by the client process* (every thread), counted by wrapping
+  commands or pipelines sent by the client process, counted by wrapping
   ``http.client.HTTPConnection.putrequest`` and redis-py's ``send_packed_command``. A pipeline is
-  one round trip. If the local grid's HTTP server runs inside the client process, its Redis
-  calls are counted here too;
+  one round trip. The local grid's HTTP routes and TTL checker run as threads of the client
+  process: their Redis round trips are counted apart (``grid_inprocess_redis_round_trips``), told
+  by the thread that sends them (HTTP handler threads, ``htcgrid-*`` threads other than the
+  executor's own);
+- ``grid_http_requests_served``: ``LocalGrid.requests_served``, when the grid exposes it;
 - ``redis_commands`` / ``redis_commandstats``: commands processed by the grid's Redis as a whole
   (client, HTTP routes, agents), from ``INFO``.
 """
@@ -20,12 +23,21 @@ from typing import Any
 __all__ = ["ProcessCounters", "GridRedisCounters", "find_attr_of_type", "connector_counters"]
 
 
+#: threads of the client process that belong to the local grid, not to the executor/connector
+_GRID_THREAD_HINTS = ("process_request_thread", "htcgrid-http", "htcgrid-ttl", "htcgrid-supervisor")
+
+
+def _is_grid_thread(name: str) -> bool:
+    return any(hint in name for hint in _GRID_THREAD_HINTS)
+
+
 class ProcessCounters:
     """Counts HTTP requests and Redis round trips made by this process, once installed."""
 
     def __init__(self) -> None:
         self.http_requests = 0
         self.redis_round_trips = 0
+        self.grid_redis_round_trips = 0
         self._lock = threading.Lock()
         self.installed: list[str] = []
 
@@ -50,8 +62,12 @@ class ProcessCounters:
         original_send = cls.send_packed_command
 
         def send_packed_command(conn, *args, **kwargs):
+            grid = _is_grid_thread(threading.current_thread().name)
             with counters._lock:
-                counters.redis_round_trips += 1
+                if grid:
+                    counters.grid_redis_round_trips += 1
+                else:
+                    counters.redis_round_trips += 1
             return original_send(conn, *args, **kwargs)
 
         cls.send_packed_command = send_packed_command
@@ -63,6 +79,7 @@ class ProcessCounters:
             return {
                 "client_http_requests": self.http_requests,
                 "client_redis_round_trips": self.redis_round_trips,
+                "grid_inprocess_redis_round_trips": self.grid_redis_round_trips,
             }
 
 

@@ -141,7 +141,11 @@ def _role(cmd: list[str] | str, is_client: bool, name: str = "") -> str:
         return "redis-server"
     if "py-spy" in text:
         return "py-spy"
-    for needle, role in (("agent", "agent"), ("runner", "runner"), ("http", "HTTP server"),
+    if "resource_tracker" in text:
+        return "resource tracker"
+    if "multiprocessing" in text:
+        return "runner (spawned by an agent)"
+    for needle, role in (("grid.agent", "agent"), ("runner", "runner"), ("http", "HTTP server"),
                          ("ttl", "ttl checker"), ("grid", "grid")):
         if needle in text.split("benchmarks.child")[0]:
             return role

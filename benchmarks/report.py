@@ -147,7 +147,8 @@ def _control_table(doc: dict) -> str:
 
         connector = c.get("connector") or {}
         conn = ", ".join(f"{k} {v * 1000 / n:,.1f}" for k, v in sorted(connector.items())) or "not exposed"
-        rows.append(f"| {label} | {n:,} | {per_k('client_http_requests')} | {per_k('client_redis_round_trips')} "
+        rows.append(f"| {label} | {n:,} | {per_k('client_http_requests')} | {per_k('grid_http_requests_served')} "
+                    f"| {per_k('client_redis_round_trips')} | {per_k('grid_inprocess_redis_round_trips')} "
                     f"| {per_k('redis_commands')} | {conn} |")
         stats = c.get("redis_commandstats") or {}
         top = sorted(stats.items(), key=lambda kv: -kv[1])[:8]
@@ -158,11 +159,15 @@ def _control_table(doc: dict) -> str:
     start = r.get("startup", {})
     notes = start.get("instrument_notes") or []
     text = (
-        "Per 1,000 tasks. *client HTTP* and *client Redis* are requests and round trips (a pipeline is "
-        "one) sent by the client process, all threads; *grid Redis commands* are every command the "
-        "grid's Redis processed (client, HTTP routes, agents), from `INFO stats`.\n\n"
-        "| workload | tasks | client HTTP requests | client Redis round trips | grid Redis commands "
-        "| connector's own counters |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "Per 1,000 tasks. *HTTP sent*: requests the client process started; *HTTP served*: "
+        "`LocalGrid.requests_served`; *client Redis*: round trips (a pipeline is one) sent by the "
+        "executor's and connector's threads (the data plane); *routes' Redis*: round trips sent by "
+        "the local grid's threads inside the client process (HTTP routes, TTL checker); *all Redis "
+        "commands*: every command the grid's Redis processed (client, routes, agents), from "
+        "`INFO stats`.\n\n"
+        "| workload | tasks | HTTP sent | HTTP served | client Redis round trips | routes' Redis round trips "
+        "| all Redis commands | connector's own counters |\n|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows) + "\n"
     )
     if top_lines:
         text += "\nMost frequent grid Redis commands per 1,000 tasks:\n\n" + "\n".join(top_lines) + "\n"
