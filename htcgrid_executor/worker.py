@@ -1,0 +1,320 @@
+"""The worker side of :class:`~htcgrid_executor.HTCGridExecutor`, and the codec of its tasks.
+
+``lambda_handler(event, context)`` is an HTC-Grid worker function (a Lambda-style handler): an
+agent calls it with the task dict exactly as the client sent it, and stores the JSON text of what
+it returns as the task's output. It runs on any HTC-Grid, the embedded local grid or a deployment
+(see ``docs/worker-handler.md`` for packaging).
+
+A task of ours is a JSON object; the callable and its arguments travel as signed pickles
+(:mod:`htcgrid_executor.payload`), checked with the grid secret from ``HTCGRID_PAYLOAD_KEY`` before
+anything is unpickled::
+
+    {"htcgrid_executor": 1,
+     "mode": "call" | "map",
+     "fn": "<signed pickle of the callable>",      # the same text for every task of a batch
+     "args": "<signed pickle>",                     # call: (args, kwargs); map: [args, ...]
+     "init": "<signed pickle of (initializer, initargs)>"}   # optional
+
+The handler never raises for a problem of the task: it answers with an envelope, one of::
+
+    {"htcgrid_executor": 1, "ok": true, "result": "<signed pickle>"}   # map: the list of results
+    {"htcgrid_executor": 1, "ok": false, "error": "exception", "type": "module.Name",
+     "message": "...", "traceback": "...", "exception": "<signed pickle>" | null}
+    {"htcgrid_executor": 1, "ok": false, "error": "signature" | "payload" | "config", "message": "..."}
+
+The client side of the codec (``pickle_function``, ``pickle_args``, ``pickle_chunk``,
+``make_task``, ``decode_output``) lives here too, so that both ends of the format are in one file.
+This module imports only the standard library, cloudpickle and this package's pure modules, so a
+deployment's worker function needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ConfigurationError, PayloadError, RemoteError, SignatureError
+from .payload import PAYLOAD_KEY_ENV, dumps_signed, loads_signed, signing_key_from_env
+
+__all__ = [
+    "TASK_MARKER",
+    "lambda_handler",
+    "pickle_function",
+    "pickle_args",
+    "pickle_chunk",
+    "make_task",
+    "is_executor_task",
+    "decode_output",
+]
+
+#: key (and format version as its value) that marks a task or an output envelope as ours
+TASK_MARKER = "htcgrid_executor"
+_VERSION = 1
+
+# Unpickled callables by the exact text of their signed pickle. Every task of a map carries the
+# same text, so a runner unpickles (and verifies) a function once, not once per task. The text is
+# the key, not its MAC alone, so a hit means these exact bytes were verified before. Bounded: a
+# long-lived runner may see many different functions.
+_FUNCTIONS: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+_FUNCTION_CACHE_SIZE = 32
+
+# Signed (initializer, initargs) texts whose initializer already ran in this process: an
+# initializer runs once per runner process, as ProcessPoolExecutor runs it once per worker.
+_INITIALIZED: set[str] = set()
+
+
+class _RemoteTraceback(Exception):
+    """The text of a traceback from the grid, attached as ``__cause__`` of a re-raised exception
+    (the same device as ``concurrent.futures.process``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+# --------------------------------------------------------------------------------------------
+# worker side
+# --------------------------------------------------------------------------------------------
+
+
+def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
+    """Run one task of :class:`HTCGridExecutor` and return its outcome envelope (JSON-safe).
+
+    The user's exception (any ``BaseException`` short of the process dying) is caught and sent
+    back with its traceback text; a task whose signature does not match the grid secret is not
+    unpickled and answers an ``"error": "signature"`` envelope.
+    """
+    try:
+        if not is_executor_task(event):
+            raise PayloadError(
+                "not an htcgrid_executor task (this worker function runs tasks sent by HTCGridExecutor)"
+            )
+        key = signing_key_from_env()
+        if key is None:
+            return _failure("config", f"{PAYLOAD_KEY_ENV} is not set in the worker's environment")
+        init = event.get("init")
+        if init is not None and init not in _INITIALIZED:
+            initializer, initargs = loads_signed(init, key)
+            try:
+                initializer(*initargs)
+            except BaseException as exc:  # the initializer's failure is this task's outcome
+                return _exception_envelope(exc, key)
+            _INITIALIZED.add(init)
+        fn = _load_function(event["fn"], key)
+        args = loads_signed(event["args"], key)
+        mode = event.get("mode", "call")
+        try:
+            if mode == "map":
+                # stops at the first exception, as ProcessPoolExecutor's _process_chunk does
+                result: Any = [fn(*call_args) for call_args in args]
+            elif mode == "call":
+                call_args, call_kwargs = args
+                result = fn(*call_args, **call_kwargs)
+            else:
+                raise PayloadError(f"unknown task mode {mode!r}")
+        except BaseException as exc:  # user code: everything it raises goes back to the caller
+            return _exception_envelope(exc, key)
+        try:
+            blob = dumps_signed(result, key)
+        except PayloadError as exc:
+            # as ProcessPoolExecutor does: a result that cannot be pickled becomes the error
+            return _exception_envelope(exc, key)
+        return {TASK_MARKER: _VERSION, "ok": True, "result": blob}
+    except SignatureError as exc:
+        return _failure("signature", str(exc))
+    except (PayloadError, KeyError, TypeError, ValueError) as exc:
+        return _failure("payload", f"malformed task: {type(exc).__name__}: {exc}")
+
+
+def _load_function(text: str, key: str) -> Callable[..., Any]:
+    fn = _FUNCTIONS.get(text)
+    if fn is None:
+        fn = loads_signed(text, key)
+        if not callable(fn):
+            raise PayloadError(f"task function is a {type(fn).__name__}, not a callable")
+        _FUNCTIONS[text] = fn
+        if len(_FUNCTIONS) > _FUNCTION_CACHE_SIZE:
+            _FUNCTIONS.popitem(last=False)
+    else:
+        _FUNCTIONS.move_to_end(text)
+    return fn
+
+
+def _failure(kind: str, message: str) -> dict[str, Any]:
+    return {TASK_MARKER: _VERSION, "ok": False, "error": kind, "message": message}
+
+
+def _exception_envelope(exc: BaseException, key: str) -> dict[str, Any]:
+    tb = exc.__traceback__
+    # drop this module's own frames: the traceback starts in the user's code
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    # the frames hold every local of the failed call; they must not stay alive in the runner
+    exc.__traceback__ = None
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not lose the exception
+        message = f"<{type(exc).__name__} with unprintable message>"
+    try:
+        blob: str | None = dumps_signed(exc, key)
+    except PayloadError:
+        blob = None  # the client raises RemoteError with the type, message and traceback
+    return {
+        TASK_MARKER: _VERSION,
+        "ok": False,
+        "error": "exception",
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": message,
+        "traceback": text,
+        "exception": blob,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# client side
+# --------------------------------------------------------------------------------------------
+
+
+def _name_of(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return name if isinstance(name, str) else type(fn).__name__
+
+
+def pickle_function(fn: Callable[..., Any], key: str) -> str:
+    """The signed pickle of ``fn``. Raises PayloadError naming the function."""
+    try:
+        return dumps_signed(fn, key)
+    except PayloadError as exc:
+        raise PayloadError(f"cannot pickle the function {_name_of(fn)!r}: {exc.__cause__}") from exc.__cause__
+
+
+def pickle_args(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], key: str) -> str:
+    """The signed pickle of one call's ``(args, kwargs)``. Raises PayloadError naming the argument
+    that cannot be pickled."""
+    try:
+        return dumps_signed((args, kwargs), key)
+    except PayloadError as exc:
+        raise PayloadError(
+            f"cannot pickle {_culprit(args, kwargs)} of the call to {_name_of(fn)!r}: {exc.__cause__}"
+        ) from exc.__cause__
+
+
+def pickle_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]], key: str) -> str:
+    """The signed pickle of a map chunk (a list of argument tuples). Raises PayloadError naming the
+    first item that cannot be pickled."""
+    try:
+        return dumps_signed(chunk, key)
+    except PayloadError as exc:
+        where = "an item"
+        for args in chunk:
+            try:
+                dumps_signed(args, key)
+            except PayloadError:
+                where = _culprit(args, {})
+                break
+        raise PayloadError(
+            f"cannot pickle {where} of a map over {_name_of(fn)!r}: {exc.__cause__}"
+        ) from exc.__cause__
+
+
+def _culprit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    # only on the error path: pickle each argument alone to say which one fails
+    for i, arg in enumerate(args):
+        try:
+            dumps_signed(arg, "k")
+        except PayloadError:
+            return f"positional argument {i} (a {type(arg).__name__})"
+    for name, arg in kwargs.items():
+        try:
+            dumps_signed(arg, "k")
+        except PayloadError:
+            return f"keyword argument {name!r} (a {type(arg).__name__})"
+    return "the arguments"
+
+
+def make_task(fn_blob: str, args_blob: str, *, mode: str = "call", init_blob: str | None = None) -> dict[str, Any]:
+    """The JSON-safe task dict the handler runs (``mode``: ``"call"`` or ``"map"``)."""
+    task: dict[str, Any] = {TASK_MARKER: _VERSION, "mode": mode, "fn": fn_blob, "args": args_blob}
+    if init_blob is not None:
+        task["init"] = init_blob
+    return task
+
+
+def is_executor_task(obj: Any) -> bool:
+    """True when ``obj`` is a task dict made by :func:`make_task`."""
+    return isinstance(obj, dict) and obj.get(TASK_MARKER) == _VERSION and "fn" in obj and "args" in obj
+
+
+def decode_output(text: str, key: str | None, *, raw: bool = False) -> tuple[bool, Any]:
+    """Decode a task's output text: ``(True, value)`` or ``(False, exception to raise)``.
+
+    Our envelopes give the result, or the task's exception with the remote traceback as its
+    ``__cause__`` (``RemoteError`` when the exception could not travel), ``SignatureError`` when a
+    pickle's signature does not match ``key``. A Lambda error document
+    (``{"errorMessage", "errorType", "stackTrace"}``) becomes a RemoteError. With ``raw`` (a task
+    dict sent as it is to some worker function) any other output is JSON-decoded when it is JSON,
+    else returned as text; without it, any other output is a PayloadError (the grid's worker
+    function is not ``htcgrid_executor.worker.lambda_handler``).
+    """
+    try:
+        doc = json.loads(text)
+    except (TypeError, ValueError):
+        doc, is_json = text, False
+    else:
+        is_json = True
+    if is_json and isinstance(doc, dict):
+        if doc.get(TASK_MARKER) == _VERSION and "ok" in doc:
+            return _decode_envelope(doc, key)
+        if "errorMessage" in doc and "errorType" in doc:
+            stack = doc.get("stackTrace") or ""
+            if isinstance(stack, list):
+                stack = "".join(str(line) for line in stack)
+            return False, RemoteError(str(doc["errorType"]), str(doc["errorMessage"]), str(stack))
+    if raw:
+        return True, doc
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    return False, PayloadError(
+        "the task's output is not an htcgrid_executor envelope (is the grid's worker function "
+        f"htcgrid_executor.worker.lambda_handler?): {shown!r}"
+    )
+
+
+def _decode_envelope(doc: dict[str, Any], key: str | None) -> tuple[bool, Any]:
+    try:
+        if key is None:
+            raise ConfigurationError("payload_signing_key is not set: cannot read a pickled task output")
+        if doc["ok"]:
+            return True, loads_signed(doc["result"], key)
+        kind = doc.get("error")
+        message = str(doc.get("message", ""))
+        if kind == "signature":
+            return False, SignatureError(f"the worker refused the task: {message}")
+        if kind == "config":
+            return False, ConfigurationError(f"the worker cannot run the task: {message}")
+        if kind != "exception":
+            return False, PayloadError(f"the worker could not run the task: {message}")
+        tb_text = str(doc.get("traceback", ""))
+        exc: BaseException | None = None
+        if doc.get("exception") is not None:
+            try:
+                exc = loads_signed(doc["exception"], key)
+            except SignatureError:
+                raise
+            except PayloadError:
+                exc = None  # it pickled on the worker but does not unpickle here
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(str(doc.get("type", "Exception")), message, tb_text)
+        exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb_text}"""')
+        return False, exc
+    except (PayloadError, ConfigurationError) as exc:
+        return False, exc
+    except (KeyError, TypeError) as exc:
+        return False, PayloadError(f"malformed task output envelope: {exc!r}")
+
