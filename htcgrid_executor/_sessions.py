@@ -1,0 +1,578 @@
+"""Private machinery of :class:`~htcgrid_executor.HTCGridExecutor`: call records, the state they
+share, and the two threads that move them::
+
+    caller threads               htcgrid-sender                       htcgrid-poller
+    submit / map ──▶ buffer ──▶ send(batch) ─────────▶ grid ───────▶ poll_listener (long poll)
+    (pickling here)  (lock)     cancel_tasks / cancel_sessions          │ decode outputs
+                                delete_session_data ◀──── cleanups ─────┘ resolve futures
+
+Only the caller pickles (so an unpicklable call fails in the caller); only the sender talks to
+the grid to change it; only the poller (and a cancel callback, for the future it cancels) moves a
+future out of PENDING. Both threads hold the shared :class:`_Core`, never the executor: they see
+it only through a weak reference, so an executor dropped without ``shutdown()`` is collected and
+its threads wind down as after ``shutdown(wait=False)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import weakref
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from typing import Any
+
+from .errors import BrokenGridExecutor, ControlPlaneError, GridUnavailableError, TaskFailedError
+from .wire import new_session_id, task_ids_for
+from .worker import decode_output
+
+__all__: list[str] = []  # private module
+
+logger = logging.getLogger(__name__)
+
+_IDLE_TICK = 0.5  # how often an idle thread checks whether its executor was collected
+_LONG_POLL_SEC = 5.0  # one long poll's wait; new sessions join the listener's stream meanwhile
+
+# Set at interpreter exit (before non-daemon threads are joined): threads then finish what was
+# submitted and stop, as ProcessPoolExecutor's manager thread does.
+_global_shutdown = False
+_live_cores: set[_Core] = set()
+_live_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _python_exit() -> None:
+    global _global_shutdown
+    _global_shutdown = True
+    with _live_lock:
+        cores = list(_live_cores)
+    for core in cores:
+        core.wake()
+    for core in cores:
+        core.join()
+
+
+def _register_atexit() -> None:
+    # only once an executor exists, never at import time (style: no import-time hooks)
+    global _atexit_registered
+    with _live_lock:
+        if _atexit_registered:
+            return
+        _atexit_registered = True
+    try:
+        threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+    except RuntimeError:  # interpreter already shutting down
+        pass
+
+
+class _Call:
+    """One grid task and its future. Small on purpose: a million may be outstanding.
+
+    ``claimed`` (guarded by the core's lock) says that some thread has taken on calling
+    ``set_running_or_notify_cancel()`` for the future, which must happen exactly once.
+    """
+
+    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core")
+
+    def __init__(self, core: _Core, task: dict[str, Any], raw: bool) -> None:
+        self.future: Future[Any] = Future()
+        self.task: dict[str, Any] | None = task  # dropped once sent
+        self.task_id: str | None = None  # set when the sender puts it in a session
+        self.claimed = False
+        self.done = False  # terminal on the grid (or given up on)
+        self.raw = raw
+        self.core = core
+        self.future.add_done_callback(self)
+
+    def __call__(self, future: Future[Any]) -> None:
+        # done callback: a cancelled future also cancels its task on the grid
+        if future.cancelled():
+            self.core.on_cancelled(self)
+
+
+class _Session:
+    __slots__ = ("response", "remaining", "sent")
+
+    def __init__(self, response: dict[str, Any], remaining: int, sent: bool) -> None:
+        self.response = response  # {'session_id', 'task_ids', 'listener'}: what attach() needs
+        self.remaining = remaining  # tasks not yet terminal on the grid
+        self.sent = sent
+
+
+class _Core:
+    """State shared by an executor, its sender and its poller."""
+
+    def __init__(
+        self,
+        owner: Any,
+        connector: Any,
+        *,
+        owns_connector: bool,
+        grid: Any,
+        signing_key: str | None,
+        priority: int,
+        task_timeout_sec: float | None,
+        batch_size: int,
+        batch_window: float,
+        broken_after_sec: float,
+    ) -> None:
+        self.owner = weakref.ref(owner)
+        self.connector = connector
+        self.owns_connector = owns_connector
+        self.grid = grid  # an embedded LocalGrid this core stops when done, or None
+        self.key = signing_key
+        self.priority = priority
+        self.task_timeout_sec = task_timeout_sec
+        self.batch_size = batch_size
+        self.batch_window = batch_window
+        self.broken_after_sec = broken_after_sec
+        self.listener: str = connector.new_listener_id()
+
+        # `lock` guards every attribute below it; `cond` (same lock) wakes the sender
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.buffer: collections.deque[_Call] = collections.deque()
+        self.buffer_since = 0.0  # monotonic time the oldest buffered call arrived
+        self.fn_cache: dict[int, tuple[Any, str]] = {}  # id(fn) -> (fn, signed pickle), per batch
+        self.tasks: dict[str, _Call] = {}  # task id -> call, until its task is terminal
+        self.sessions: dict[str, _Session] = {}  # session id -> session with tasks not terminal
+        self.cancels: list[str] = []  # task ids to cancel on the grid
+        self.session_cancels: list[str] = []  # session ids to cancel on the grid
+        self.cleanups: list[dict[str, Any]] = []  # collected sessions whose data to delete
+        self.shutdown = False
+        self.broken: BaseException | None = None
+        self.poller_done = False
+
+        self.poller_event = threading.Event()  # wakes an idle poller (new session, shutdown)
+        self.threads: list[threading.Thread] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        _register_atexit()
+        with _live_lock:
+            _live_cores.add(self)
+        self.threads = [
+            threading.Thread(target=self._sender_main, name="htcgrid-sender"),
+            threading.Thread(target=self._poller_main, name="htcgrid-poller"),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def closing(self) -> bool:
+        """True once no new work can come: shutdown, interpreter exit or the executor collected."""
+        return self.shutdown or _global_shutdown or self.owner() is None
+
+    def wake(self) -> None:
+        with self.lock:
+            self.cond.notify_all()
+        self.poller_event.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        current = threading.current_thread()
+        for thread in self.threads:
+            # a done callback (run by the poller) may call shutdown(wait=True): not itself
+            if thread is not current and thread.ident is not None:
+                thread.join(timeout)
+
+    # ---- called by the executor (caller threads) --------------------------------------------
+
+    def enqueue(self, calls: list[_Call]) -> None:
+        """Buffer calls for the sender; the caller holds ``self.lock`` and has checked the flags."""
+        buffer = self.buffer
+        if not buffer:
+            self.buffer_since = time.monotonic()
+            self.cond.notify()
+        buffer.extend(calls)
+        if len(buffer) >= self.batch_size:
+            self.cond.notify()
+
+    def on_cancelled(self, call: _Call) -> None:
+        with self.lock:
+            notify = not call.claimed
+            call.claimed = True
+            if call.task_id is not None and not call.done:
+                self.cancels.append(call.task_id)
+                self.cond.notify()
+        if notify:
+            # wait() and as_completed() count a cancelled future only once notified
+            call.future.set_running_or_notify_cancel()
+
+    def outstanding_sessions(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(s.response) for s in self.sessions.values() if s.sent]
+
+    def unsent(self) -> int:
+        with self.lock:
+            return len(self.buffer) + sum(1 for s in self.sessions.values() if not s.sent)
+
+    def adopt(self, records: list[dict[str, Any]]) -> list[Future[Any]]:
+        """Register sessions sent by another client (attach); their futures, in order."""
+        futures: list[Future[Any]] = []
+        with self.lock:
+            for record in records:
+                sid, task_ids = record["session_id"], list(record["task_ids"])
+                response = {"session_id": sid, "task_ids": task_ids, "listener": record.get("listener")}
+                self.sessions[sid] = _Session(response, len(task_ids), sent=True)
+                for tid in task_ids:
+                    call = _Call(self, {}, raw=False)
+                    call.task, call.task_id = None, tid
+                    self.tasks[tid] = call
+                    futures.append(call.future)
+        self.poller_event.set()
+        return futures
+
+    def request_stop(self, *, cancel_futures: bool, kill_running: bool) -> None:
+        """The shutdown flags plus the grid-side cancellations of ``shutdown()``."""
+        with self.lock:
+            self.shutdown = True
+            pending: list[_Call] = []
+            if cancel_futures:
+                pending = [c for c in self.buffer if not c.claimed]
+                pending += [c for c in self.tasks.values() if not c.claimed]
+            if kill_running and cancel_futures:
+                self.session_cancels.extend(sid for sid, s in self.sessions.items() if s.sent)
+            elif kill_running:
+                self.cancels.extend(tid for tid, c in self.tasks.items() if c.claimed and not c.done)
+            self.cond.notify_all()
+        for call in pending:
+            call.future.cancel()  # the done callback notifies waiters and queues the grid cancel
+        self.poller_event.set()
+
+    def kill_running(self) -> int:
+        with self.lock:
+            ids = [tid for tid, c in self.tasks.items() if c.claimed and not c.done and c.future.running()]
+            self.cancels.extend(ids)
+            self.cond.notify()
+        return len(ids)
+
+    # ---- resolving futures ----------------------------------------------------------------
+
+    def _pop_terminal(self, task_id: str) -> _Call | None:
+        """Forget a task that reached a terminal state; lock held. None if unknown."""
+        call = self.tasks.pop(task_id, None)
+        if call is None:
+            return None  # a late duplicate, or a task of another client on the same listener
+        call.done = True
+        session = self.sessions.get(task_id.rpartition("_")[0])
+        if session is not None:
+            session.remaining -= 1
+            if session.remaining <= 0:
+                del self.sessions[session.response["session_id"]]
+                self.cleanups.append(session.response)
+                self.cond.notify()
+        return call
+
+    @staticmethod
+    def _settle(call: _Call, need_claim: bool, ok: bool, value: Any) -> None:
+        future = call.future
+        if need_claim:
+            try:
+                if not future.set_running_or_notify_cancel():
+                    return  # the user cancelled it first
+            except RuntimeError:
+                return  # resolved meanwhile by the broken path
+        try:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        except InvalidStateError:
+            pass  # cancelled by the user between our claim and now (a race we accept)
+
+    def apply(self, batch: Any) -> bool:
+        """Apply one poll's changes; True if anything changed."""
+        starts: list[_Call] = []
+        ends: list[tuple[_Call, bool, str, Any]] = []
+        with self.lock:
+            for tid in batch.processing:
+                call = self.tasks.get(tid)
+                if call is not None and not call.claimed:
+                    call.claimed = True
+                    starts.append(call)
+            for kind, items in (("finished", batch.finished.items()), ("failed", batch.failed.items())):
+                for tid, value in items:
+                    call = self._pop_terminal(tid)
+                    if call is not None:
+                        need_claim = not call.claimed
+                        call.claimed = True
+                        ends.append((call, need_claim, kind, value))
+            for tid in batch.cancelled:
+                call = self._pop_terminal(tid)
+                if call is not None:
+                    ends.append((call, False, "cancelled", None))
+        for call in starts:
+            try:
+                call.future.set_running_or_notify_cancel()
+            except RuntimeError:
+                pass  # resolved meanwhile by the broken path
+        for call, need_claim, kind, value in ends:
+            if kind == "finished":
+                ok, result = decode_output(value, self.key, raw=call.raw)
+                self._settle(call, need_claim, ok, result)
+            elif kind == "failed":
+                self._settle(call, need_claim, False, TaskFailedError(str(value), call.task_id))
+            elif not call.future.cancel():
+                # cancelled on the grid while running (kill_running, or another client): a running
+                # Future cannot become cancelled, so it raises CancelledError instead
+                exc = CancelledError(f"task {call.task_id} was cancelled on the grid while running")
+                self._settle(call, False, False, exc)
+        return bool(starts or ends)
+
+    def fail_calls(self, calls: list[_Call], exc_factory: Any) -> None:
+        """Resolve calls the grid will never answer for (lock not held; calls already removed)."""
+        for call in calls:
+            with self.lock:
+                need_claim = not call.claimed
+                call.claimed = True
+                call.done = True
+            self._settle(call, need_claim, False, exc_factory())
+
+    def set_broken(self, message: str, cause: BaseException | None) -> None:
+        """The grid is lost: fail every pending future with BrokenGridExecutor."""
+        with self.lock:
+            if self.broken is not None:
+                return
+            self.broken = BrokenGridExecutor(message)
+            self.broken.__cause__ = cause
+            calls = list(self.buffer) + list(self.tasks.values())
+            self.buffer.clear()
+            self.tasks.clear()
+            self.sessions.clear()
+            self.cancels.clear()
+            self.session_cancels.clear()
+            self.cond.notify_all()
+        logger.debug("executor broken: %s", message)
+
+        def factory() -> BaseException:
+            exc = BrokenGridExecutor(message)
+            exc.__cause__ = cause
+            return exc
+
+        self.fail_calls(calls, factory)
+        self.poller_event.set()
+
+    # ---- the sender -------------------------------------------------------------------------
+
+    def _sender_main(self) -> None:
+        try:
+            self._sender_loop()
+        except BaseException as exc:  # a bug here must not leave futures hanging forever
+            logger.exception("htcgrid-sender failed")
+            self.set_broken(f"internal error in the sender thread: {exc!r}", exc)
+        finally:
+            self._close()
+
+    def _sender_loop(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    closing = self.closing()
+                    work = bool(self.cancels or self.session_cancels or self.cleanups)
+                    if self.buffer:
+                        age = time.monotonic() - self.buffer_since
+                        if closing or len(self.buffer) >= self.batch_size or age >= self.batch_window:
+                            work = True
+                        wait = max(self.batch_window - age, 0.0005)
+                    else:
+                        wait = _IDLE_TICK
+                    if work:
+                        break
+                    if closing and not self.buffer and self.poller_done:
+                        return
+                    self.cond.wait(min(wait, _IDLE_TICK))
+                batch, session, tasks_list = self._take_batch()
+                cancels, self.cancels = self.cancels, []
+                session_cancels, self.session_cancels = self.session_cancels, []
+                cleanups, self.cleanups = self.cleanups, []
+            if session is not None:
+                self._send(batch, session, tasks_list)
+            if session_cancels:
+                self._best_effort("cancel_sessions", self.connector.cancel_sessions, session_cancels)
+            if cancels:
+                self._best_effort("cancel_tasks", self.connector.cancel_tasks, cancels)
+            for response in cleanups:
+                self._best_effort("delete_session_data", self.connector.delete_session_data, response)
+
+    def _take_batch(self) -> tuple[list[_Call], _Session | None, list[dict[str, Any]]]:
+        """Move up to batch_size calls into a new registered session; lock held."""
+        batch: list[_Call] = []
+        buffer = self.buffer
+        while buffer and len(batch) < self.batch_size:
+            call = buffer.popleft()
+            if not call.claimed:  # claimed while unsent means cancelled: never send it
+                batch.append(call)
+        if buffer:
+            self.buffer_since = time.monotonic()
+        self.fn_cache = {}  # a function is pickled once per batch
+        if not batch:
+            return batch, None, []
+        sid = new_session_id()
+        task_ids = task_ids_for(sid, len(batch))
+        tasks_list = []
+        for call, tid in zip(batch, task_ids, strict=True):
+            call.task_id = tid
+            self.tasks[tid] = call
+            tasks_list.append(call.task)
+            call.task = None
+        # registered before it is sent: the listener may report a task before send() returns
+        session = _Session({"session_id": sid, "task_ids": task_ids, "listener": self.listener},
+                           len(batch), sent=False)
+        self.sessions[sid] = session
+        return batch, session, tasks_list
+
+    def _send(self, batch: list[_Call], session: _Session, tasks_list: list[dict[str, Any]]) -> None:
+        sid = session.response["session_id"]
+        first_failure: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                response = self.connector.send(
+                    tasks_list, priority=self.priority, session_id=sid, listener=self.listener,
+                    task_timeout_sec=self.task_timeout_sec,
+                )
+                break
+            except Exception as exc:  # noqa: BLE001 - sorted below: retry, or fail the batch
+                if not _retryable(exc) or self.broken is not None:
+                    self._drop_session(batch, session, exc)
+                    return
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure >= self.broken_after_sec:
+                    self.set_broken(f"cannot send tasks to the grid for {self.broken_after_sec:g} s: {exc}", exc)
+                    return
+                logger.debug("send of session %s failed (%s); retrying", sid, exc)
+                # the same session id again: a grid that got the first try keeps one copy
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        returned = list(response.get("task_ids") or [])
+        with self.lock:
+            if returned and returned != session.response["task_ids"]:
+                # the connector named the tasks itself: re-key them (never expected)
+                for call, tid in zip(batch, returned, strict=False):
+                    if self.tasks.pop(call.task_id or "", None) is call:
+                        call.task_id = tid
+                        self.tasks[tid] = call
+                session.response["task_ids"] = returned
+            session.sent = True
+        self.poller_event.set()
+
+    def _drop_session(self, batch: list[_Call], session: _Session, exc: BaseException) -> None:
+        with self.lock:
+            self.sessions.pop(session.response["session_id"], None)
+            for call in batch:
+                if call.task_id is not None:
+                    self.tasks.pop(call.task_id, None)
+        logger.debug("session %s not sent: %s", session.response["session_id"], exc)
+
+        def factory() -> BaseException:
+            return exc  # the same exception object for the batch: it came from one send()
+
+        self.fail_calls(batch, factory)
+
+    def _best_effort(self, what: str, method: Any, arg: Any) -> None:
+        # cancellations and clean-ups are worth a few tries, never a broken executor
+        for attempt in range(3):
+            try:
+                method(arg)
+                return
+            except Exception as exc:  # noqa: BLE001 - best effort by design
+                logger.debug("%s failed (attempt %d): %s", what, attempt + 1, exc)
+                if not _retryable(exc):
+                    return
+                time.sleep(0.1 * (attempt + 1))
+
+    def _close(self) -> None:
+        with _live_lock:
+            _live_cores.discard(self)
+        if self.owns_connector:
+            try:
+                self.connector.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not raise in a thread
+                logger.debug("connector close failed: %s", exc)
+        if self.grid is not None:
+            grid, self.grid = self.grid, None
+            try:
+                grid.stop()
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("embedded grid stop failed: %s", exc)
+
+    # ---- the poller -------------------------------------------------------------------------
+
+    def _poller_main(self) -> None:
+        try:
+            self._poller_loop()
+        except BaseException as exc:  # a bug here must not leave futures hanging forever
+            logger.exception("htcgrid-poller failed")
+            self.set_broken(f"internal error in the poller thread: {exc!r}", exc)
+        finally:
+            with self.lock:
+                self.poller_done = True
+                self.cond.notify_all()
+
+    def _poller_loop(self) -> None:
+        cursors: dict[str | None, str | None] = {}  # listener id (None: per session) -> cursor
+        first_failure: float | None = None
+        delay = 0.05
+        interval = 0.01
+        pull_interval = float(self.connector.client_config.get("dynamodb_results_pull_interval_sec", 0.5) or 0.5)
+        while True:
+            with self.lock:
+                groups: dict[str | None, list[dict[str, Any]]] = {}
+                for s in self.sessions.values():
+                    if s.sent:
+                        groups.setdefault(s.response.get("listener"), []).append(s.response)
+                idle = not self.sessions
+                stop = idle and not self.buffer and self.closing()
+            if stop:
+                return
+            if not groups:
+                self.poller_event.wait(_IDLE_TICK)
+                self.poller_event.clear()
+                continue
+            changed = False
+            extensions = True
+            try:
+                for lid, sessions in groups.items():
+                    wait = _LONG_POLL_SEC if len(groups) == 1 else 0.0
+                    if lid is None:
+                        for response in sessions:
+                            ck = "session:" + response["session_id"]
+                            batch = self.connector.poll_session(response["session_id"], after=cursors.get(ck))
+                            cursors[ck] = batch.cursor
+                            extensions = extensions and batch.extensions
+                            changed = self.apply(batch) or changed
+                    else:
+                        batch = self.connector.poll_listener(lid, sessions, cursors.get(lid), wait_sec=wait)
+                        cursors[lid] = batch.cursor
+                        extensions = extensions and batch.extensions
+                        changed = self.apply(batch) or changed
+                first_failure, delay = None, 0.05
+            except Exception as exc:  # noqa: BLE001 - any failure to poll is retried to the deadline
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure >= self.broken_after_sec:
+                    self.set_broken(f"cannot reach the grid for {self.broken_after_sec:g} s: {exc}", exc)
+                    continue
+                logger.debug("poll failed (%s); retrying in %.2f s", exc, delay)
+                self.poller_event.wait(delay)
+                self.poller_event.clear()
+                delay = min(delay * 2, 2.0)
+                continue
+            if not extensions and not changed:
+                # a plain deployment answers at once: poll at an interval that backs off when idle
+                self.poller_event.wait(interval)
+                self.poller_event.clear()
+                interval = min(interval * 2, pull_interval)
+            elif changed:
+                interval = 0.01
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Worth another try: the grid could not be reached, or answered with a server error."""
+    if isinstance(exc, GridUnavailableError):
+        return True
+    if isinstance(exc, ControlPlaneError):
+        return exc.status is None or exc.status >= 500
+    return False

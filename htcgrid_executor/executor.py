@@ -1,0 +1,397 @@
+"""``HTCGridExecutor``: a ``concurrent.futures.Executor`` that runs calls on an HTC-Grid.
+
+Data flow::
+
+    submit(fn, *a) ─▶ pickle in the caller (fails here if it cannot) ─▶ buffer
+        ─▶ htcgrid-sender: one connector.send() per batch (a session; listener = this executor)
+        ─▶ grid: agents run htcgrid_executor.worker.lambda_handler on each task
+        ─▶ htcgrid-poller: connector.poll_listener() long polls ─▶ Future.set_result / set_exception
+        ─▶ session fully collected ─▶ htcgrid-sender: connector.delete_session_data()
+
+One grid task per ``submit`` and per ``map`` chunk. Both threads reach the executor only through a
+weak reference (see ``_sessions.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+from . import _sessions
+from ._sessions import _Call, _Core
+from .errors import BrokenGridExecutor, ConfigurationError, PayloadError
+from .payload import dumps_signed
+from .worker import make_task, pickle_args, pickle_chunk, pickle_function
+
+__all__ = ["HTCGridExecutor"]
+
+T = TypeVar("T")
+
+_ENQUEUE_GROUP = 256  # map: calls handed to the sender per lock acquisition
+
+
+class HTCGridExecutor(Executor):
+    """Run calls on an HTC-Grid; a drop-in for ``ProcessPoolExecutor``.
+
+    Where it runs:
+        * neither ``connector`` nor ``config``: an embedded :class:`~htcgrid_executor.LocalGrid`
+          with ``max_workers`` agents (default: the CPU count) is started now and stopped by
+          ``shutdown()``;
+        * ``config``: a client config dict, or the path of a JSON config file (a deployment's
+          ``Agent_config.tfvars.json``); an ``AWSConnector`` is made from it and authenticated;
+        * ``connector``: an ``AWSConnector`` ready to use (authenticated); it is not closed by
+          ``shutdown()``. ``max_workers`` and ``max_tasks_per_child`` are then the grid's business
+          and are ignored.
+
+    The grid's worker function must be ``htcgrid_executor.worker.lambda_handler`` (the local grid's
+    default; see ``docs/worker-handler.md`` for a deployment), holding the config's
+    ``payload_signing_key`` in its ``HTCGRID_PAYLOAD_KEY`` environment variable.
+
+    Arguments as in ``ProcessPoolExecutor``: ``initializer(*initargs)`` runs once in each grid
+    worker process before the first task of this executor it runs there (if it raises, that
+    task's future raises its exception and the next task tries it again; the executor does not
+    break as a process pool does). ``mp_context`` is accepted and ignored (there are no local
+    processes to start). ``max_tasks_per_child`` is passed to the embedded grid.
+
+    Grid options: ``priority`` and ``task_timeout_sec`` (a per-task time limit: a task over it is
+    stopped and its future raises ``TaskFailedError``) apply to every task sent.
+
+    Batching: calls are pickled in the caller and sent by a background thread, up to
+    ``batch_size`` calls per ``send`` (one grid session). The sender sends as soon as it is free;
+    calls submitted while a send is under way go together in the next one. ``batch_window`` (s)
+    makes it wait that long after the first buffered call for more.
+
+    ``broken_after_sec``: if the grid cannot be reached for that long, every pending future fails
+    with ``BrokenGridExecutor`` and the executor refuses new work.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        connector: Any = None,
+        config: dict[str, Any] | str | os.PathLike[str] | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
+        priority: int = 0,
+        task_timeout_sec: float | None = None,
+        batch_size: int = 1000,
+        batch_window: float = 0.0,
+        broken_after_sec: float = 60.0,
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if batch_window < 0:
+            raise ValueError("batch_window must be >= 0")
+        if connector is not None and config is not None:
+            raise ValueError("pass connector= or config=, not both")
+        del mp_context  # accepted for drop-in compatibility: a grid starts no local process
+        self._max_workers = max_workers
+
+        grid = None
+        owns_connector = connector is None
+        if connector is None:
+            from .connector import AWSConnector  # the HTTP/Redis/S3 stack loads only when used
+
+            if config is None:
+                from .grid import LocalGrid
+
+                grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child)
+                grid.start()
+                config = grid.client_config
+            try:
+                connector = AWSConnector(_load_config(config))
+                connector.authenticate()
+            except BaseException:
+                if grid is not None:
+                    grid.stop()
+                raise
+        try:
+            key = connector.payload_signing_key
+            self._init_blob: str | None = None
+            if initializer is not None:
+                if key is None:
+                    raise ConfigurationError(_NO_KEY)
+                try:
+                    self._init_blob = dumps_signed((initializer, tuple(initargs)), key)
+                except PayloadError as exc:
+                    raise PayloadError(f"cannot pickle the initializer or its initargs: {exc.__cause__}") from exc
+            self._core = _Core(
+                self, connector, owns_connector=owns_connector, grid=grid, signing_key=key,
+                priority=priority, task_timeout_sec=task_timeout_sec, batch_size=batch_size,
+                batch_window=batch_window, broken_after_sec=broken_after_sec,
+            )
+        except BaseException:
+            if owns_connector:
+                connector.close()
+            if grid is not None:
+                grid.stop()
+            raise
+        self._core.start()
+
+    # ---- submitting ---------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` on the grid and return its Future at once.
+
+        The call is pickled here, in the caller's thread: one that cannot be pickled raises
+        ``PayloadError`` naming the culprit (the pickler's error is the ``__cause__``). Raises
+        ``RuntimeError`` after ``shutdown()`` and ``BrokenGridExecutor`` once the grid is lost.
+        The Future's result is the call's return value; its exception is the one the call raised,
+        of the same type, with the remote traceback as ``__cause__``.
+        """
+        self._check_open()
+        core = self._core
+        key = self._key()
+        cache = core.fn_cache  # the sender swaps in a new dict per batch: pickled once per batch
+        entry = cache.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            fn_blob = entry[1]
+        else:
+            fn_blob = pickle_function(fn, key)
+            cache[id(fn)] = (fn, fn_blob)  # holding fn keeps its id from being reused
+        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob)
+        return self._enqueue([_Call(core, task, raw=False)])[0]
+
+    def submit_task(self, task: dict[str, Any]) -> Future[Any]:
+        """Send a plain HTC-Grid task dict, as it is, to the grid's worker function.
+
+        For grids running an existing worker function (not this package's handler). The Future's
+        result is the task's output, JSON-decoded when it is JSON, else the text; a Lambda error
+        document (``errorMessage``/``errorType``) raises ``RemoteError``. Raises ``PayloadError``
+        here if ``task`` is not JSON-serialisable.
+        """
+        self._check_open()
+        try:
+            copy = json.loads(json.dumps(task, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
+        return self._enqueue([_Call(self._core, copy, raw=True)])[0]
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """Like the built-in ``map(fn, *iterables)``, run on the grid; results in input order.
+
+        ``chunksize`` calls go in one grid task. Without ``buffersize`` every call is submitted
+        before this returns (as the stdlib does); with it (Python 3.14 semantics) at most
+        ``buffersize`` tasks are in flight: one more is submitted each time a result is taken, so
+        a huge or endless iterable runs in bounded memory. The iterator raises ``TimeoutError`` if
+        a result is not ready ``timeout`` seconds after this call, and the first exception of a
+        call where its result would be; either way, and when it is closed early, the tasks not yet
+        started are cancelled. ``fn`` is pickled once for the whole map.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        self._check_open()
+        key = self._key()
+        fn_blob = pickle_function(fn, key)
+        chunks = _batched(zip(*iterables, strict=False), chunksize)
+
+        def make_call(executor: HTCGridExecutor, chunk: list[tuple[Any, ...]]) -> _Call:
+            blob = pickle_chunk(fn, chunk, key)
+            return _Call(executor._core, make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob),
+                         raw=False)
+
+        fs: collections.deque[Future[list[T]]] = collections.deque()
+        try:
+            source = chunks if buffersize is None else itertools.islice(chunks, buffersize)
+            group: list[_Call] = []
+            for chunk in source:
+                group.append(make_call(self, chunk))
+                if len(group) >= _ENQUEUE_GROUP:
+                    fs.extend(self._enqueue(group))
+                    group = []
+            if group:
+                fs.extend(self._enqueue(group))
+        except BaseException:
+            for future in fs:  # do not leave half a map running unseen
+                future.cancel()
+            raise
+
+        # a weak reference: the iterator must not keep the executor alive (as in Python 3.14)
+        executor_ref = weakref.ref(self)
+
+        def refill() -> Future[list[T]] | None:
+            executor = executor_ref()
+            if executor is None:
+                return None
+            chunk = next(chunks, None)
+            if chunk is None:
+                return None
+            return executor._enqueue([make_call(executor, chunk)])[0]
+
+        def result_iterator() -> Iterator[T]:
+            try:
+                fs.reverse()  # pop() from the right gives input order
+                while fs:
+                    if buffersize:
+                        future = refill()
+                        if future is not None:
+                            fs.appendleft(future)
+                    if end_time is None:
+                        results = _result_or_cancel(fs.pop())
+                    else:
+                        results = _result_or_cancel(fs.pop(), end_time - time.monotonic())
+                    results.reverse()
+                    while results:
+                        yield results.pop()
+            finally:
+                for future in fs:
+                    future.cancel()
+
+        return result_iterator()
+
+    # ---- stopping -------------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, kill_running: bool = False) -> None:
+        """Refuse new work and release the executor's threads, connector and embedded grid.
+
+        As the stdlib: repeatable and thread-safe; ``wait`` blocks until every pending future is
+        done and the threads have stopped; without it they stop by themselves once done.
+        ``cancel_futures`` cancels the futures that have not started (and their tasks on the
+        grid). Beyond the stdlib, ``kill_running`` stops tasks already running: their runners are
+        killed on the grid and their futures raise ``CancelledError`` (a running Future cannot be
+        cancelled, so ``cancelled()`` stays False). Both together cancel this executor's sessions
+        on the grid. Without them, work already submitted still runs to the end.
+        """
+        self._core.request_stop(cancel_futures=cancel_futures, kill_running=kill_running)
+        if wait:
+            self._core.join()
+
+    def kill_running(self) -> int:
+        """Stop the tasks whose futures are running (the grid reported them processing): their
+        runners are killed and their futures raise ``CancelledError``. Pending work continues.
+        Returns how many tasks were asked to stop."""
+        return self._core.kill_running()
+
+    # ---- crash recovery -------------------------------------------------------------------------
+
+    def sessions(self, *, flush: bool = True, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Records of the sessions sent and not yet fully collected, to store for :meth:`attach`.
+
+        Each record is JSON-safe: ``{"session_id", "task_ids", "listener"}``. With ``flush`` this
+        first waits (up to ``timeout`` s, else ``TimeoutError``) until every call submitted so far
+        has been sent, so that the records cover them.
+        """
+        if flush:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._core.unsent():
+                if self._core.broken is not None:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("calls are still waiting to be sent")
+                time.sleep(0.002)
+        return self._core.outstanding_sessions()
+
+    @classmethod
+    def attach(
+        cls,
+        sessions: Iterable[dict[str, Any]],
+        *,
+        connector: Any = None,
+        config: dict[str, Any] | str | os.PathLike[str] | None = None,
+        broken_after_sec: float = 60.0,
+    ) -> list[Future[Any]]:
+        """Futures for the tasks of sessions another client sent (that client may be gone).
+
+        ``sessions``: records from :meth:`sessions` (or ``send()`` answers). Returns one Future per
+        task, in order; a ``submit`` task resolves to its call's result, a ``map`` task to the
+        list of its chunk's results, a raw task to its decoded output. Collected sessions' data is
+        deleted from the grid, as the original client would have done.
+        """
+        if connector is None and config is None:
+            raise ValueError("attach needs the grid the sessions were sent to: pass connector= or config=")
+        executor = cls(connector=connector, config=config, broken_after_sec=broken_after_sec)
+        futures = executor._core.adopt(list(sessions))
+        executor.shutdown(wait=False)  # its threads stop once these futures are resolved
+        return futures
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        """Raise if no new work is accepted; the core's lock is held by the caller or not needed."""
+        core = self._core
+        if core.broken is not None:
+            raise BrokenGridExecutor(str(core.broken)) from core.broken.__cause__
+        if core.shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _sessions._global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _enqueue(self, calls: list[_Call]) -> list[Future[Any]]:
+        core = self._core
+        with core.lock:
+            # checked again under the lock: shutdown() may have run since the caller's check
+            self._check_open()
+            core.enqueue(calls)
+        return [call.future for call in calls]
+
+    def _key(self) -> str:
+        key = self._core.key
+        if key is None:
+            raise ConfigurationError(_NO_KEY)
+        return key
+
+
+_NO_KEY = (
+    "payload_signing_key is not in the client config: pickled calls must be signed with the grid "
+    "secret its workers hold in HTCGRID_PAYLOAD_KEY (raw tasks, submit_task, need none)"
+)
+
+
+def _result_or_cancel(future: Future[T], timeout: float | None = None) -> T:
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            future.cancel()
+    finally:
+        del future  # break a reference cycle with the exception in future._exception
+
+
+def _batched(iterable: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
+    # itertools.batched is 3.12+; lists, because the worker gets a list of argument tuples
+    while chunk := list(itertools.islice(iterable, n)):
+        yield chunk
+
+
+def _load_config(config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return dict(config)
+    try:
+        with open(config, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read the client config file {os.fspath(config)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"client config file {os.fspath(config)!r} does not hold a JSON object")
+    return data
