@@ -123,6 +123,10 @@ class Agent:
         self._lost: set[str] = set()  # owned tasks the grid took back (cancelled, lease lost)
         self._current: str | None = None  # the task the runner is running now
         self._runner: _Runner | None = None
+        # Claim size grows while tasks are short and drops to 1 when one is slow, so a deep
+        # queue of tiny tasks goes in batches but long tasks stay pending (and cancellable as
+        # pending, and free for other agents) until an agent is really ready for them.
+        self._batch = 1
 
     # -- the main loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -137,9 +141,13 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 try:
-                    claims = self.table.claim(self.agent_id, self.settings.max_batch, self.lease_ms)
+                    claims = self.table.claim(self.agent_id, self._batch, self.lease_ms)
                     if claims:
+                        started = time.monotonic()
                         self._run_batch(claims)
+                        per_task = (time.monotonic() - started) / len(claims)
+                        self._batch = (min(self.settings.max_batch, self._batch * 2)
+                                       if per_task < 0.005 else 1)
                     else:
                         # idle: sleep on the doorbell, rung by submits and by claims that left work
                         self.idle = True

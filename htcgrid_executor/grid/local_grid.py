@@ -315,7 +315,13 @@ class LocalGrid:
         for agent in self.agent_pids():
             for task in Path(f"/proc/{agent}/task").glob("*"):
                 try:
-                    pids += [int(p) for p in (task / "children").read_text().split()]
+                    children = [int(p) for p in (task / "children").read_text().split()]
                 except OSError:
                     continue
+                for pid in children:  # not multiprocessing's resource tracker
+                    try:
+                        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                            pids.append(pid)
+                    except OSError:
+                        continue
         return pids

@@ -1,0 +1,179 @@
+"""A hypothesis state machine drives the state table with random submits, claims, heartbeats,
+completions, releases, crashes, expiries and cancels, and checks after every step that no task
+is lost, none ends twice, and every count agrees with a simple model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from htcgrid_executor import wire
+from htcgrid_executor.grid.redis_server import RedisServer
+from htcgrid_executor.grid.state_table import StateTable, key_for
+
+AGENTS = ["agent-a", "agent-b"]
+MAX_RETRIES = 2
+TERMINAL = {"finished", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def redis_client():
+    with RedisServer() as server:
+        client = server.client()
+        yield client
+        client.close()
+
+
+class StateTableMachine(RuleBasedStateMachine):
+    client = None  # set by the test below
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client.flushall()
+        self.table = StateTable(self.client)
+        for agent in AGENTS:
+            self.table.heartbeat(agent, [], 60_000)
+        self.state: dict[str, str] = {}
+        self.owner: dict[str, str] = {}
+        self.retries: Counter[str] = Counter()
+        self.priority: dict[str, int] = {}
+        self.sessions: dict[str, int] = {}
+
+    def _tasks(self, state: str, agent: str | None = None) -> list[str]:
+        return sorted(t for t, s in self.state.items()
+                      if s == state and (agent is None or self.owner.get(t) == agent))
+
+    # -- rules ------------------------------------------------------------------------------
+    @rule(count=st.integers(1, 4), priority=st.integers(0, 2))
+    def submit(self, count, priority):
+        sid = f"session-{len(self.sessions):03d}"  # deterministic: hypothesis replays draws
+        assert self.table.submit(sid, count, priority=priority, max_retries=MAX_RETRIES)
+        assert not self.table.submit(sid, count, priority=priority)  # repeated: no-op
+        self.sessions[sid] = count
+        for tid in wire.task_ids_for(sid, count):
+            self.state[tid] = "pending"
+            self.priority[tid] = priority
+
+    @rule(agent=st.sampled_from(AGENTS), batch=st.integers(1, 4))
+    def claim(self, agent, batch):
+        pending_before = self._tasks("pending")
+        claims = self.table.claim(agent, batch, 60_000)
+        claimed = [c.task_id for c in claims]
+        if pending_before:
+            assert claimed, "pending tasks exist but none could be claimed: a task was lost"
+        assert len(claimed) <= batch
+        for tid in claimed:
+            assert self.state[tid] == "pending"
+            self.state[tid] = "processing"
+            self.owner[tid] = agent
+        still_pending = self._tasks("pending")
+        if claimed and still_pending:  # highest priority first
+            assert min(self.priority[t] for t in claimed) >= max(self.priority[t] for t in still_pending)
+
+    @rule(agent=st.sampled_from(AGENTS), data=st.data())
+    def heartbeat(self, agent, data):
+        believed = data.draw(st.lists(st.sampled_from(sorted(self.state) or ["none_0"]), max_size=4,
+                                      unique=True))
+        lost = set(self.table.heartbeat(agent, believed, 60_000))
+        expected = {t for t in believed if not (self.state.get(t) == "processing" and self.owner.get(t) == agent)}
+        assert lost == expected
+
+    @rule(agent=st.sampled_from(AGENTS), data=st.data())
+    def complete(self, agent, data):
+        candidates = sorted(self.state)
+        if not candidates:
+            return
+        tid = data.draw(st.sampled_from(candidates))
+        done = self.table.complete(agent, {tid: b"output of " + tid.encode()})
+        allowed = self.state[tid] == "processing" and self.owner[tid] == agent
+        assert done == ([tid] if allowed else [])
+        if allowed:
+            self.state[tid] = "finished"
+
+    @rule(agent=st.sampled_from(AGENTS))
+    def release(self, agent):
+        mine = self._tasks("processing", agent)
+        assert self.table.release(agent, mine) == len(mine)
+        for tid in mine:
+            self.state[tid] = "pending"
+
+    @precondition(lambda self: self._tasks("processing"))
+    @rule(data=st.data())
+    def runner_dies(self, data):
+        tid = data.draw(st.sampled_from(self._tasks("processing")))
+        new_state = self.table.lose(self.owner[tid], tid, "runner died")
+        self._lost(tid, new_state.value)
+
+    @precondition(lambda self: self._tasks("processing"))
+    @rule(data=st.data())
+    def lease_expires(self, data):
+        tid = data.draw(st.sampled_from(self._tasks("processing")))
+        self.client.zadd(key_for("leases"), {tid: 0})
+        assert self.table.expire_due() == 1
+        self._lost(tid, "failed" if self.retries[tid] >= MAX_RETRIES else "pending")
+
+    def _lost(self, tid, new_state):
+        expected = "failed" if self.retries[tid] >= MAX_RETRIES else "pending"
+        assert new_state == expected
+        self.retries[tid] += expected == "pending"
+        self.state[tid] = expected
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data())
+    def cancel_session(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.sessions)))
+        tids = wire.task_ids_for(sid, self.sessions[sid])
+        pending = sum(self.state[t] == "pending" for t in tids)
+        processing = sum(self.state[t] == "processing" for t in tids)
+        answer = self.table.cancel_sessions([sid])[sid]
+        assert answer == {"cancelled_pending": pending, "cancelled_processing": processing,
+                          "total_cancelled_tasks": pending + processing}
+        for tid in tids:
+            if self.state[tid] not in TERMINAL:
+                self.state[tid] = "cancelled"
+
+    @precondition(lambda self: self.state)
+    @rule(data=st.data())
+    def cancel_task(self, data):
+        tid = data.draw(st.sampled_from(sorted(self.state)))
+        answer = self.table.cancel_tasks([tid])
+        assert answer["total_cancelled_tasks"] == (self.state[tid] not in TERMINAL)
+        if self.state[tid] not in TERMINAL:
+            self.state[tid] = "cancelled"
+
+    # -- invariants -------------------------------------------------------------------------
+    @invariant()
+    def every_task_is_where_the_model_says(self):
+        for sid, count in self.sessions.items():
+            tids = wire.task_ids_for(sid, count)
+            events = self.table.read_events(key_for("session_events", sid), None)
+            ended = [e.task_id for e in events]
+            assert len(ended) == len(set(ended)), "a task ended twice"
+            assert {e.task_id: e.state.value for e in events} == {
+                t: self.state[t] for t in tids if self.state[t] in TERMINAL}
+            for tid in tids:
+                if self.state[tid] not in TERMINAL:
+                    assert self.table.task_state(tid).value == self.state[tid]
+            info = self.table.session_info(sid)
+            states = Counter(self.state[t] for t in tids)
+            for name in ("pending", "processing", "finished", "failed", "cancelled"):
+                assert info[name] == states[name], name
+
+    @invariant()
+    def finished_tasks_have_their_output(self):
+        finished = self._tasks("finished")
+        if finished:
+            values = self.client.mget([wire.output_key(t) for t in finished])
+            assert values == [b"output of " + t.encode() for t in finished]
+
+
+def test_the_state_table_never_loses_or_duplicates_a_task(redis_client):
+    StateTableMachine.client = redis_client
+    runner = StateTableMachine.TestCase
+    runner.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                               suppress_health_check=[HealthCheck.function_scoped_fixture])
+    runner().runTest()
