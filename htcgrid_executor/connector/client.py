@@ -234,6 +234,11 @@ class AWSConnector:
         """The data plane (for the executor's cleanup and for tests)."""
         return self._parts()[2]
 
+    @property
+    def transport(self) -> HTTPTransport:
+        """The HTTP layer; its ``max_attempts``, ``backoff_sec`` and timeouts may be tuned."""
+        return self._parts()[1]
+
     # ------------------------------------------------------------------------------ auth
 
     def authenticate(self) -> None:

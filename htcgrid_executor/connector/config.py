@@ -127,11 +127,11 @@ class ClientConfig:
     intra_vpc: bool
     results_pull_interval_sec: float
     redis_url: str | None = None
-    redis_password: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
     s3_bucket: str | None = None
     s3_kms_key_id: str | None = None
     region: str | None = None
-    api_gateway_key: str | None = None
+    api_gateway_key: str | None = field(default=None, repr=False)
     user_pool_id: str | None = None
     cognito_userpool_client_id: str | None = None
     username: str | None = None

@@ -127,10 +127,15 @@ class RedisStore(DataPlane):
     def __init__(self, url: str, *, password: str | None = None, socket_timeout: float = 30.0,
                  connect_timeout: float = 10.0) -> None:
         import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
 
         kwargs = redis_connection_kwargs(url, password)
         kwargs.setdefault("socket_timeout", socket_timeout)
         kwargs.setdefault("socket_connect_timeout", connect_timeout)
+        # A few quick retries ride out a blip or a failover; redis-py's defaults differ between
+        # versions (none before 6, about 3 s of backoff since), so they are set here.
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), 3)
         if kwargs.get("connection_class") is not None:
             # parse_url gives connection_class for unix:// and rediss://; Redis() wants flags
             pool = redis.ConnectionPool(**kwargs)
