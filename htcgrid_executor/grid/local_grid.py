@@ -219,6 +219,25 @@ class LocalGrid:
                 if not self._stopping.is_set():
                     self.add_agents(1)
 
+    def restart_control_plane(self, down_sec: float = 0.0) -> None:
+        """Stop the HTTP API and start it again on the same address after ``down_sec``
+        (a fault drill: clients must retry through it; the state table is untouched)."""
+        if self._http is None:
+            raise RuntimeError("the grid is not started")
+        host, port = self._http.url.removeprefix("http://").rsplit(":", 1)
+        self._http.stop()
+        self._http = None
+        if down_sec:
+            self._stopping.wait(down_sec)
+        self._http = ControlPlaneServer(self.table, self.api_key, host=host, port=int(port)).start()
+
+    def restart_redis(self) -> None:
+        """Restart the grid's own Redis on the same port and socket (a fault drill). With a
+        ``folder`` its append-only file keeps every task and result; without one all is lost."""
+        if self.redis_server is None:
+            raise RuntimeError("this grid does not run its own Redis")
+        self.redis_server.restart()
+
     def stop(self) -> None:
         """Stop agents, HTTP API, TTL checker and Redis; remove temporary files. Idempotent."""
         if self._stopping.is_set() and not self._started:

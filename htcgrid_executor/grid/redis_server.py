@@ -81,11 +81,13 @@ class RedisServer:
             self._folder.mkdir(parents=True, exist_ok=True)
             folder = self._folder
         else:
-            self._tmpdir = tempfile.mkdtemp(prefix="htcgrid-redis-")
+            self._tmpdir = self._tmpdir or tempfile.mkdtemp(prefix="htcgrid-redis-")
             folder = Path(self._tmpdir)
         os.chmod(folder, 0o700)
         # unix socket paths are limited to ~107 bytes: keep it in a short temporary folder
-        self._sockdir = tempfile.mkdtemp(prefix="htcgrid-")
+        # (kept across restart(), so clients reconnect to the same address)
+        if getattr(self, "_sockdir", None) is None:
+            self._sockdir = tempfile.mkdtemp(prefix="htcgrid-")
         self.unix_socket = os.path.join(self._sockdir, "redis.sock")
         last_error = ""
         for _ in range(5):  # the free port we picked may be taken before redis binds it
@@ -169,6 +171,12 @@ class RedisServer:
         if self._process.stderr:
             self._process.stderr.close()
         self._process = None
+
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """Stop the server and start it again on the same port, socket and folder (what a
+        crashed Redis does under a supervisor): with a named folder its data survives."""
+        self._kill()
+        return self.start(timeout)
 
     def stop(self) -> None:
         """Stop the server and remove its temporary files (a named folder is kept)."""
