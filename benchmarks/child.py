@@ -29,10 +29,13 @@ from typing import Any
 from . import tasks
 from .executors import NotAvailable, make_executor, map_supports_buffersize
 from .instrument import (
+    COUNT_DIR_ENV,
     GridRedisCounters,
     ProcessCounters,
     connector_counters,
     find_attr_of_type,
+    install_process_counters,
+    read_shared_counters,
 )
 from .profile import SpySession, process_cpu
 
@@ -80,7 +83,7 @@ class _Sampler(threading.Thread):
         self._progress = progress
         self._interval = interval
         self._with_children = with_children
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.samples: list[tuple[float, int, int, int]] = []
         self._t0 = time.perf_counter()
 
@@ -89,11 +92,11 @@ class _Sampler(threading.Thread):
         self.samples.append((time.perf_counter() - self._t0, self._progress(), _rss(), children))
 
     def run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._halt.wait(self._interval):
             self.sample()
 
     def stop(self) -> list[tuple[float, int, int, int]]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
         return self.samples
@@ -136,6 +139,11 @@ class _Instruments:
         snap: dict[str, Any] = {}
         if self.process is not None:
             snap.update(self.process.snapshot())
+        shared = os.environ.get(COUNT_DIR_ENV)
+        if shared:
+            for role, counts in read_shared_counters(shared, exclude_pid=os.getpid()).items():
+                snap[f"{role}_redis_round_trips"] = counts["redis_round_trips"]
+                snap[f"{role}_http_requests"] = counts["http_requests"]
         served = getattr(self.grid, "requests_served", None)
         if isinstance(served, int):
             snap["grid_http_requests_served"] = served
@@ -166,24 +174,40 @@ def _diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 # --- sections ---------------------------------------------------------------------------------
 
 
-def _map_throughput(ex, items: int, chunksize: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    count = 0
-    for _ in ex.map(tasks.noop, range(items), chunksize=chunksize):
-        count += 1
-    wall = time.perf_counter() - t0
-    if count != items:
-        raise RuntimeError(f"map returned {count} results for {items} items")
-    return {"items": items, "chunksize": chunksize, "wall_s": wall, "tasks_per_s": items / wall}
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _latency(ex, n: int) -> dict[str, Any]:
+def _map_throughput(ex, items: int, chunksize: int, repeats: int) -> dict[str, Any]:
+    """``repeats`` timed maps; the median wall time is the figure (the machine may be shared)."""
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        count = 0
+        for _ in ex.map(tasks.noop, range(items), chunksize=chunksize):
+            count += 1
+        walls.append(time.perf_counter() - t0)
+        if count != items:
+            raise RuntimeError(f"map returned {count} results for {items} items")
+    wall = _median(walls)
+    return {"items": items * repeats, "items_per_run": items, "chunksize": chunksize, "wall_s": wall,
+            "tasks_per_s": items / wall, "runs_tasks_per_s": [items / w for w in walls]}
+
+
+def _latency(ex, n: int, max_s: float) -> dict[str, Any]:
+    """``n`` round trips, or fewer if ``max_s`` runs out first (a slow executor still reports)."""
     samples = []
+    stop_at = time.perf_counter() + max_s
     for i in range(n):
+        if samples and time.perf_counter() > stop_at:
+            break
         t0 = time.perf_counter_ns()
         ex.submit(tasks.noop, i).result()
         samples.append((time.perf_counter_ns() - t0) / 1e6)
     ordered = sorted(samples)
+    n = len(samples)
 
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -199,14 +223,18 @@ def _latency(ex, n: int) -> dict[str, Any]:
     }
 
 
-def _sleep10(ex, n: int, workers: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    results = list(ex.map(tasks.sleep_10ms, range(n)))
-    wall = time.perf_counter() - t0
-    if len(results) != n:
-        raise RuntimeError(f"map returned {len(results)} results for {n} items")
+def _sleep10(ex, n: int, workers: int, repeats: int) -> dict[str, Any]:
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        results = list(ex.map(tasks.sleep_10ms, range(n)))
+        walls.append(time.perf_counter() - t0)
+        if len(results) != n:
+            raise RuntimeError(f"map returned {len(results)} results for {n} items")
+    wall = _median(walls)
     ideal = n * 0.010 / workers
-    return {"n": n, "wall_s": wall, "ideal_s": ideal, "efficiency": ideal / wall}
+    return {"n": n * repeats, "n_per_run": n, "wall_s": wall, "ideal_s": ideal, "efficiency": ideal / wall,
+            "runs_wall_s": walls}
 
 
 def _outstanding(ex, n: int, workers: int, budget_s: float) -> dict[str, Any]:
@@ -298,7 +326,7 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
             proto.send(event="result", section="scale", data={"status": "n/a", "reason": "map() has no buffersize"})
             return
 
-    counters = ProcessCounters().install() if name == "htcgrid" else None
+    counters = install_process_counters(os.environ.get(COUNT_DIR_ENV)) if name == "htcgrid" else None
     instruments = _Instruments(name, counters)
     proto.send(event="start", section="startup")
     t0 = time.perf_counter()
@@ -324,17 +352,17 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
             p = params.get(section, {})
             proto.send(event="start", section=section)
             spy.start(section)
-            cpu_before = process_cpu()
+            cpu_before = process_cpu(name)
             before = instruments.snapshot()
             try:
                 if section == "map_c1":
-                    data = _map_throughput(ex, p["items"], 1)
+                    data = _map_throughput(ex, p["items"], 1, p["repeats"])
                 elif section == "map_c100":
-                    data = _map_throughput(ex, p["items"], 100)
+                    data = _map_throughput(ex, p["items"], 100, p["repeats"])
                 elif section == "latency":
-                    data = _latency(ex, p["n"])
+                    data = _latency(ex, p["n"], p["max_s"])
                 elif section == "sleep10":
-                    data = _sleep10(ex, p["n"], workers)
+                    data = _sleep10(ex, p["n"], workers, p["repeats"])
                 elif section == "outstanding":
                     data = _outstanding(ex, p["n"], workers, budgets.get(section, 120))
                 elif section == "scale":
@@ -349,12 +377,13 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
             delta = _diff(instruments.snapshot(), before)
             if delta:
                 data["counters"] = delta
-            cpu_after = process_cpu()
+            cpu_after = process_cpu(name)
             spy.stop()
             data["cpu"] = {
                 pid: {"role": p["role"], "cpu_s": p["cpu_s"] - cpu_before.get(pid, {}).get("cpu_s", 0.0)}
                 for pid, p in cpu_after.items() if p["role"] != "py-spy"
             }
+            data["loadavg_1m_after"] = os.getloadavg()[0]
             proto.send(event="result", section=section, data=data)
     finally:
         proto.send(event="start", section="shutdown")

@@ -10,6 +10,9 @@ Three sources, each optional, all read as snapshots whose differences a section 
   process: their Redis round trips are counted apart (``grid_inprocess_redis_round_trips``), told
   by the thread that sends them (HTTP handler threads, ``htcgrid-*`` threads other than the
   executor's own);
+- ``agents``: the same counts in the grid's agent processes, when the harness could load its
+  counting hook there (``benchmarks/_hooks/sitecustomize.py``, on the agents' inherited
+  ``PYTHONPATH``; they share memory-mapped counter files with the benchmark child);
 - ``grid_http_requests_served``: ``LocalGrid.requests_served``, when the grid exposes it;
 - ``redis_commands`` / ``redis_commandstats``: commands processed by the grid's Redis as a whole
   (client, HTTP routes, agents), from ``INFO``.
@@ -17,14 +20,25 @@ Three sources, each optional, all read as snapshots whose differences a section 
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any
 
-__all__ = ["ProcessCounters", "GridRedisCounters", "find_attr_of_type", "connector_counters"]
+__all__ = [
+    "ProcessCounters", "GridRedisCounters", "find_attr_of_type", "connector_counters",
+    "install_process_counters", "read_shared_counters", "COUNT_DIR_ENV",
+]
 
 
 #: threads of the client process that belong to the local grid, not to the executor/connector
 _GRID_THREAD_HINTS = ("process_request_thread", "htcgrid-http", "htcgrid-ttl", "htcgrid-supervisor")
+
+#: environment variable naming the folder of shared counter files (see ``_hooks/sitecustomize.py``)
+COUNT_DIR_ENV = "BENCH_COUNT_DIR"
+
+_SLOTS = ("http_requests", "redis_round_trips", "grid_redis_round_trips")
+_SLOT_FORMAT = "<" + "q" * len(_SLOTS)
 
 
 def _is_grid_thread(name: str) -> bool:
@@ -32,14 +46,42 @@ def _is_grid_thread(name: str) -> bool:
 
 
 class ProcessCounters:
-    """Counts HTTP requests and Redis round trips made by this process, once installed."""
+    """Counts HTTP requests and Redis round trips made by this process, once installed.
 
-    def __init__(self) -> None:
-        self.http_requests = 0
-        self.redis_round_trips = 0
-        self.grid_redis_round_trips = 0
+    With ``shared_dir`` the counts live in ``<shared_dir>/<pid>.cnt`` (memory-mapped, updated in
+    place on every call), with the process's command line in ``<pid>.cmd``, so that another process
+    (the benchmark child) can read the counts of the grid's agents at any moment.
+    """
+
+    def __init__(self, shared_dir: str | None = None) -> None:
         self._lock = threading.Lock()
+        self._values = [0] * len(_SLOTS)
+        self._mmap = None
         self.installed: list[str] = []
+        if shared_dir:
+            import mmap
+            import struct
+
+            base = os.path.join(shared_dir, str(os.getpid()))
+            try:
+                with open("/proc/self/cmdline", "rb") as handle:
+                    cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = " ".join(sys.argv)
+            with open(base + ".cmd", "w") as handle:
+                handle.write(cmd)
+            fd = os.open(base + ".cnt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, b"\0" * struct.calcsize(_SLOT_FORMAT))
+            self._mmap = mmap.mmap(fd, struct.calcsize(_SLOT_FORMAT))
+            os.close(fd)
+
+    def _add(self, slot: int) -> None:
+        with self._lock:
+            self._values[slot] += 1
+            if self._mmap is not None:
+                import struct
+
+                struct.pack_into(_SLOT_FORMAT, self._mmap, 0, *self._values)
 
     def install(self) -> ProcessCounters:
         import http.client
@@ -48,8 +90,7 @@ class ProcessCounters:
         original_putrequest = http.client.HTTPConnection.putrequest
 
         def putrequest(conn, *args, **kwargs):
-            with counters._lock:
-                counters.http_requests += 1
+            counters._add(0)
             return original_putrequest(conn, *args, **kwargs)
 
         http.client.HTTPConnection.putrequest = putrequest
@@ -62,12 +103,7 @@ class ProcessCounters:
         original_send = cls.send_packed_command
 
         def send_packed_command(conn, *args, **kwargs):
-            grid = _is_grid_thread(threading.current_thread().name)
-            with counters._lock:
-                if grid:
-                    counters.grid_redis_round_trips += 1
-                else:
-                    counters.redis_round_trips += 1
+            counters._add(2 if _is_grid_thread(threading.current_thread().name) else 1)
             return original_send(conn, *args, **kwargs)
 
         cls.send_packed_command = send_packed_command
@@ -76,11 +112,49 @@ class ProcessCounters:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {
-                "client_http_requests": self.http_requests,
-                "client_redis_round_trips": self.redis_round_trips,
-                "grid_inprocess_redis_round_trips": self.grid_redis_round_trips,
-            }
+            http_requests, redis_round_trips, grid_redis = self._values
+        return {
+            "client_http_requests": http_requests,
+            "client_redis_round_trips": redis_round_trips,
+            "grid_inprocess_redis_round_trips": grid_redis,
+        }
+
+
+_installed: ProcessCounters | None = None
+
+
+def install_process_counters(shared_dir: str | None = None) -> ProcessCounters:
+    """Install the counters in this process once (idempotent); return them."""
+    global _installed
+    if _installed is None:
+        _installed = ProcessCounters(shared_dir).install()
+    return _installed
+
+
+def read_shared_counters(shared_dir: str, exclude_pid: int | None = None) -> dict[str, dict[str, int]]:
+    """Counts of every other process that installed shared counters, summed by role."""
+    import struct
+
+    totals: dict[str, dict[str, int]] = {}
+    size = struct.calcsize(_SLOT_FORMAT)
+    for name in os.listdir(shared_dir):
+        if not name.endswith(".cnt") or name == f"{exclude_pid}.cnt":
+            continue
+        base = os.path.join(shared_dir, name[:-4])
+        try:
+            with open(base + ".cnt", "rb") as handle:
+                values = struct.unpack(_SLOT_FORMAT, handle.read(size))
+            with open(base + ".cmd") as handle:
+                cmd = handle.read()
+        except (OSError, struct.error):
+            continue
+        role = "agents" if "grid.agent" in cmd else (
+            "runners" if "multiprocessing" in cmd else "other processes")
+        entry = totals.setdefault(role, {"processes": 0, "http_requests": 0, "redis_round_trips": 0})
+        entry["processes"] += 1
+        entry["http_requests"] += values[0]
+        entry["redis_round_trips"] += values[1] + values[2]
+    return totals
 
 
 class GridRedisCounters:

@@ -114,44 +114,44 @@ class SpySession:
         self.proc = None
 
 
-def process_cpu() -> dict[str, dict[str, Any]]:
+def process_cpu(executor: str = "") -> dict[str, dict[str, Any]]:
     """CPU seconds (user+system) so far of this process and each descendant, keyed by pid."""
     import psutil
 
     me = psutil.Process()
-    out = {}
-    for depth_proc in [me, *me.children(recursive=True)]:
+    out: dict[str, dict[str, Any]] = {}
+    roles: dict[int, str] = {}
+    for proc in [me, *me.children(recursive=True)]:  # parents come before their children
         try:
-            times = depth_proc.cpu_times()
-            cmd = depth_proc.cmdline()
-            out[str(depth_proc.pid)] = {
-                "role": _role(cmd, depth_proc.pid == me.pid, depth_proc.name()),
-                "cpu_s": times.user + times.system,
-            }
+            times = proc.cpu_times()
+            parent = roles.get(proc.ppid(), "")
+            role = roles[proc.pid] = _role(proc.cmdline(), proc.pid == me.pid, proc.name(), parent, executor)
+            out[str(proc.pid)] = {"role": role, "cpu_s": times.user + times.system}
         except psutil.Error:
             continue
     return out
 
 
-def _role(cmd: list[str] | str, is_client: bool, name: str = "") -> str:
+def _role(cmd: list[str] | str, is_client: bool, name: str = "", parent: str = "", executor: str = "") -> str:
+    """What a process of the measured tree is, from its command line and its parent's role."""
     text = cmd if isinstance(cmd, str) else " ".join(cmd)
     if is_client:
         return "client"
-    if "redis-server" in text or name.startswith("redis"):
-        return "redis-server"
-    if "py-spy" in text:
-        return "py-spy"
-    if "resource_tracker" in text:
-        return "resource tracker"
-    if "multiprocessing" in text:
-        return "runner (spawned by an agent)"
-    for needle, role in (("grid.agent", "agent"), ("runner", "runner"), ("http", "HTTP server"),
-                         ("ttl", "ttl checker"), ("grid", "grid")):
-        if needle in text.split("benchmarks.child")[0]:
+    rules = (
+        ("redis-server", "redis-server"), ("py-spy", "py-spy"), ("resource_tracker", "resource tracker"),
+        ("grid.agent", "agent"), ("popen_loky", "loky worker"), ("semaphore_tracker", "resource tracker"),
+    )
+    for needle, role in rules:
+        if needle in text or name.startswith(needle):
             return role
+    if parent == "agent":
+        return "runner"
+    if "multiprocessing" in text or "forkserver" in text:
+        # dask's LocalCluster: the nannies are coroutines of the client, the workers its children
+        return "dask worker" if executor == "dask" else "spawned child"
     if "benchmarks.child" in text:
-        return "forked child of the client"
-    return (text[:60] or name) + "…"
+        return "pool worker (forked)" if parent == "client" else "forked child"
+    return (text[:40] or name) + "…"
 
 
 def fold(raw_path: Path, client_pid: int | None = None) -> dict[str, Any]:
@@ -171,7 +171,8 @@ def fold(raw_path: Path, client_pid: int | None = None) -> dict[str, Any]:
         leaf_proc = procs[-1]
         key = leaf_proc["pid"]
         entry = per[key]
-        entry["role"] = _role(leaf_proc["cmd"], len(procs) == 1)
+        parent_role = per[procs[-2]["pid"]]["role"] if len(procs) > 1 else ""
+        entry["role"] = _role(leaf_proc["cmd"], len(procs) == 1, "", parent_role)
         entry["depth"] = len(procs) - 1
         entry["samples"] += n
         parsed = [m for m in (_FRAME.match(f) for f in code) if m]

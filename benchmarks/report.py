@@ -54,6 +54,15 @@ def _cell(results: dict, name: str, section: str, fmt, key: str, ref_key: str | 
     return fmt(value) + _ratio(value, ref)
 
 
+def _load_line(doc: dict) -> str:
+    loads = [f"{LABELS[n].split(' ')[0]} {doc['results'][n]['_loadavg'][0]:.2f}"
+             for n in EXECUTORS if isinstance(doc["results"].get(n), dict) and "_loadavg" in doc["results"][n]]
+    if not loads:
+        return ""
+    return ("- 1-minute load average when each executor's turn began (other work on the machine skews "
+            "the figures; 0 is an idle machine): " + ", ".join(loads) + "\n")
+
+
 def _main_table(doc: dict) -> str:
     results, cfg = doc["results"], doc["config"]
     w = cfg["workers"]
@@ -149,7 +158,7 @@ def _control_table(doc: dict) -> str:
         conn = ", ".join(f"{k} {v * 1000 / n:,.1f}" for k, v in sorted(connector.items())) or "not exposed"
         rows.append(f"| {label} | {n:,} | {per_k('client_http_requests')} | {per_k('grid_http_requests_served')} "
                     f"| {per_k('client_redis_round_trips')} | {per_k('grid_inprocess_redis_round_trips')} "
-                    f"| {per_k('redis_commands')} | {conn} |")
+                    f"| {per_k('agents_redis_round_trips')} | {per_k('redis_commands')} | {conn} |")
         stats = c.get("redis_commandstats") or {}
         top = sorted(stats.items(), key=lambda kv: -kv[1])[:8]
         if top:
@@ -162,11 +171,13 @@ def _control_table(doc: dict) -> str:
         "Per 1,000 tasks. *HTTP sent*: requests the client process started; *HTTP served*: "
         "`LocalGrid.requests_served`; *client Redis*: round trips (a pipeline is one) sent by the "
         "executor's and connector's threads (the data plane); *routes' Redis*: round trips sent by "
-        "the local grid's threads inside the client process (HTTP routes, TTL checker); *all Redis "
-        "commands*: every command the grid's Redis processed (client, routes, agents), from "
-        "`INFO stats`.\n\n"
+        "the local grid's threads inside the client process (HTTP routes, TTL checker); *agents' Redis*: "
+        "round trips of the agent processes (all of them; heart-beats and idle waits included); *all "
+        "Redis commands*: every command the grid's Redis processed, those run inside Lua scripts "
+        "included, from `INFO stats`.\n\n"
         "| workload | tasks | HTTP sent | HTTP served | client Redis round trips | routes' Redis round trips "
-        "| all Redis commands | connector's own counters |\n|---|---|---|---|---|---|---|---|\n"
+        "| agents' Redis round trips | all Redis commands | connector's own counters |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n"
     )
     if top_lines:
@@ -174,6 +185,33 @@ def _control_table(doc: dict) -> str:
     if notes:
         text += "\nInstrumentation notes: " + "; ".join(notes) + ".\n"
     return text
+
+
+def _cpu_table(doc: dict) -> str:
+    """CPU per task by process role (psutil, user+system), for the sections with a task count."""
+    rows = []
+    for name in EXECUTORS:
+        r = doc["results"].get(name) or {}
+        for section, label, key in (("map_c1", "map, chunksize 1", "items"), ("map_c100", "map, chunksize 100", "items"),
+                                    ("latency", "submit→result", "n")):
+            sec = r.get(section)
+            if not _ok(sec) or not sec.get("cpu") or not sec.get(key):
+                continue
+            roles: dict[str, list[float]] = {}
+            for proc in sec["cpu"].values():
+                roles.setdefault(proc["role"], []).append(proc["cpu_s"])
+            n = sec[key]
+            total = sum(sum(v) for v in roles.values())
+            parts = ", ".join(
+                f"{role}{f' ×{len(v)}' if len(v) > 1 else ''} {1e6 * sum(v) / n:,.0f}"
+                for role, v in sorted(roles.items(), key=lambda kv: -sum(kv[1])) if sum(v) > 0)
+            rows.append(f"| {LABELS[name]} | {label} | {1e6 * total / n:,.0f} | {parts} |")
+    if not rows:
+        return "_No CPU figures._\n"
+    return ("CPU time (user + system, psutil, 10 ms ticks) per task, in µs, of the client process and "
+            "of each of its descendants during the section; a role with ×n sums n processes. The "
+            "local grid's HTTP routes and TTL checker run inside the client process.\n\n"
+            "| executor | workload | total µs/task | by process |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _targets(doc: dict) -> str:
@@ -341,18 +379,20 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         "## Machine\n",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; {m['os']}\n"
         f"- {m['python']}; {versions}\n"
-        f"- commit {m['commit']}; {cfg['workers']} workers for every executor\n",
+        f"- commit {m['commit']}; {cfg['workers']} workers for every executor\n"
+        + _load_line(doc),
         "## Throughput and latency\n",
         "Ratios in parentheses are to ProcessPoolExecutor on the same run (higher is better for "
         "throughput, lower for latency).\n",
         table,
         "How each figure is taken:\n\n"
         f"- *map*: `list(ex.map(noop, range({cfg['map_items']:,}), chunksize=c))`, timed from the call to "
-        "the last result; `noop` returns its argument. dask's `ClientExecutor.map` drops `chunksize` "
+        f"the last result, median of {cfg['repeats']} run(s); `noop` returns its argument. dask's `ClientExecutor.map` drops `chunksize` "
         "(one dask task per item), so its two columns measure the same thing.\n"
         f"- *submit→result*: {cfg['latency_n']:,} calls of `ex.submit(noop, i).result()`, one at a time, "
-        "after a warm-up.\n"
-        f"- *10 ms tasks*: `map` of {cfg['sleep_n']:,} calls of `time.sleep(0.01)` (a sleep, not a busy "
+        f"after a warm-up (fewer if {3 if cfg['quick'] else 30} s run out first: the calls made are in "
+        "the raw results).\n"
+        f"- *10 ms tasks*: `map` of {cfg['sleep_n']:,} calls (median of {cfg['repeats']} run(s)) of `time.sleep(0.01)` (a sleep, not a busy "
         f"loop, so the client and the grid do not compete with the work for the cores); efficiency = "
         f"ideal `n × 10 ms / {cfg['workers']}` over the wall time.\n"
         "- *start*: the executor's construction plus a warm-up (every worker started).\n"
@@ -365,6 +405,8 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         "exists in the stdlib from Python 3.14, hence *n/a* for the peers on older Pythons.\n"
         "- *memory per outstanding future*: every worker is held on a gate task, then no-ops are "
         "submitted one by one; (RSS after − RSS before) / submitted, after `gc.collect()`.\n",
+        "## CPU per task, by process\n",
+        _cpu_table(doc),
         "## Control-plane calls (HTCGridExecutor)\n",
         _control_table(doc),
         "## Targets (issue 6)\n",

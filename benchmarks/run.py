@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .executors import EXECUTORS, LABELS
+from .instrument import COUNT_DIR_ENV
 from .sysinfo import machine_info
 
 __all__ = ["main", "run_all", "Config"]
@@ -53,6 +54,7 @@ class Config:
         self.quick = quick
         self.workers = args.workers
         self.map_items = args.map_items or (2_000 if quick else 20_000)
+        self.repeats = args.repeats or (1 if quick else 3)
         self.latency_n = args.latency_n or (200 if quick else 2_000)
         self.sleep_n = args.sleep_n or (100 * self.workers if quick else 500 * self.workers)
         self.outstanding_n = args.outstanding_n or (5_000 if quick else 100_000)
@@ -84,10 +86,10 @@ class Config:
 
     def params(self) -> dict[str, dict[str, Any]]:
         return {
-            "map_c1": {"items": self.map_items},
-            "map_c100": {"items": self.map_items},
-            "latency": {"n": self.latency_n},
-            "sleep10": {"n": self.sleep_n},
+            "map_c1": {"items": self.map_items, "repeats": self.repeats},
+            "map_c100": {"items": self.map_items, "repeats": self.repeats},
+            "latency": {"n": self.latency_n, "max_s": 3.0 if self.quick else 30.0},
+            "sleep10": {"n": self.sleep_n, "repeats": self.repeats},
             "outstanding": {"n": self.outstanding_n},
             "scale": {"items": self.scale_items, "chunksize": self.scale_chunksize,
                       "buffersize": self.buffersize},
@@ -97,9 +99,17 @@ class Config:
         return {k: v for k, v in vars(self).items() if k != "budgets"} | {"budgets": self.budgets}
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(name: str, log_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    paths = [str(ROOT), env.get("PYTHONPATH")]
+    if name == "htcgrid":
+        # The counting hook (benchmarks/_hooks/sitecustomize.py) reaches the grid's agents through
+        # the PYTHONPATH they inherit; see benchmarks.instrument.
+        count_dir = log_dir / "counters"
+        count_dir.mkdir(exist_ok=True)
+        paths.insert(0, str(ROOT / "benchmarks" / "_hooks"))
+        env[COUNT_DIR_ENV] = str(count_dir)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -138,7 +148,7 @@ def run_child(name: str, sections: list[str], cfg: Config, log_dir: Path,
     log_path = log_dir / f"{name}-{'-'.join(sections)}.log"
     out: dict[str, Any] = {"_log": str(log_path)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env() | (env_extra or {}), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(name, log_dir) | (env_extra or {}), stdout=subprocess.PIPE,
                                 stderr=log, start_new_session=True)
     lines: queue.Queue = queue.Queue()
 
@@ -247,6 +257,7 @@ def run_all(cfg: Config, log=print) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="htcgrid-bench-"))
     for name in cfg.executors:
         t0 = time.monotonic()
+        load_before = os.getloadavg()[0]
         log(f"[bench] {LABELS[name]}: main sections ...", flush=True)
         results[name] = _run_sections(name, list(MAIN_SECTIONS), cfg, log_dir)
         if cfg.run_scale:
@@ -254,6 +265,7 @@ def run_all(cfg: Config, log=print) -> dict[str, Any]:
             scale = run_child(name, ["scale"], cfg, log_dir)
             results[name]["scale"] = scale["scale"]
             results[name]["scale_startup"] = scale.get("startup")
+        results[name]["_loadavg"] = (load_before, os.getloadavg()[0])
         log(f"[bench] {LABELS[name]}: done in {time.monotonic() - t0:.1f} s", flush=True)
     results["_logs"] = str(log_dir)
     return results
@@ -268,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-dask", action="store_true", help="include dask in --quick")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale (buffersize) run")
     parser.add_argument("--map-items", type=int)
+    parser.add_argument("--repeats", type=int, help="timed repeats of map and 10 ms runs (median kept)")
     parser.add_argument("--latency-n", type=int)
     parser.add_argument("--sleep-n", type=int)
     parser.add_argument("--outstanding-n", type=int)
