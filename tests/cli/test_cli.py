@@ -1,0 +1,116 @@
+"""The command line as a user types it: grid, agent, status, cancel, demo, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from htcgrid_executor.connector import AWSConnector
+
+HERE = Path(__file__).parent
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *sys.path]))
+
+
+def _cli(*args: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "htcgrid_executor", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), **kwargs)
+
+
+@pytest.fixture
+def running_grid(tmp_path):
+    """``htcgrid-executor grid`` in the background, with one agent; yields its config path."""
+    config = tmp_path / "client.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "htcgrid_executor", "grid", "--workers", "1", "--handler",
+         "cli_handlers:whoami", "--config-out", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 20
+        while not config.exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "grid did not write its config"
+            time.sleep(0.05)
+        yield config, process
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(20)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_grid_writes_an_owner_only_config_and_agents_join_it(running_grid):
+    config, grid = running_grid
+    assert config.stat().st_mode & 0o077 == 0
+    settings = json.loads(config.read_text())
+    assert settings["private_api_gateway_url"].startswith("http://127.0.0.1:")
+    agent = subprocess.Popen([sys.executable, "-m", "htcgrid_executor", "agent", "--config", str(config),
+                              "--workers", "1"], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert "joined" in agent.stdout.readline()
+        with AWSConnector.from_config_file(str(config)) as connector:
+            connector.authenticate()
+            # two slow tasks at once: one for the grid's agent, one for the joined agent
+            answer = connector.send([{"n": 0, "sleep": 1.0}, {"n": 1, "sleep": 1.0}])
+            results = connector.get_results(answer, timeout_sec=30)
+        assert sorted(results["finished"]) == sorted(answer["task_ids"])
+        ran_on = {json.loads(out)["agent_pid"] for out in results["finished_OUTPUT"]}
+        assert len(ran_on) == 2  # both agents worked
+    finally:
+        agent.send_signal(signal.SIGINT)
+        assert agent.wait(20) == 0
+        agent.stdout.close()
+
+
+def test_status_and_cancel_report_per_session(running_grid):
+    config, _ = running_grid
+    with AWSConnector.from_config_file(str(config)) as connector:
+        connector.authenticate()
+        done = connector.send([{"n": 1}])
+        connector.get_results(done, timeout_sec=30)
+        slow = connector.send([{"sleep": 30}, {"n": 2}, {"n": 3}])
+    time.sleep(0.5)
+    cancelled = _cli("cancel", slow["session_id"], "--config", str(config))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"{slow['session_id']}: 3 cancelled (2 pending, 1 running)" in cancelled.stdout
+    status = _cli("status", done["session_id"], slow["session_id"], "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[1:]}
+    assert rows[done["session_id"]] == ["1", "0", "0"]
+    assert rows[slow["session_id"]] == ["0", "0", "3"]
+
+
+def test_errors_are_one_line_and_a_non_zero_exit(tmp_path):
+    missing = _cli("status", "abc", "--config", str(tmp_path / "nope.json"))
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0
+    assert "no client config" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    usage = _cli("frobnicate")
+    assert usage.returncode == 2
+    assert "invalid choice" in usage.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["grid"], ["agent"], ["status"], ["cancel"]])
+def test_every_command_has_help(command):
+    answer = _cli(*command, "--help")
+    assert answer.returncode == 0
+    assert "usage: htcgrid-executor" in answer.stdout
+
+
+def test_demo_prices_the_sweep_on_an_embedded_grid():
+    answer = _cli("demo", "--strikes", "2", "--vols", "2", "--workers", "2", "--quiet", timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    lines = answer.stdout.splitlines()
+    assert lines[0].split()[:2] == ["strike", "vol"]
+    assert len([line for line in lines[1:] if line.strip() and line.split()[0][0].isdigit()]) == 4
+    assert "4 options priced on the local grid" in answer.stdout
