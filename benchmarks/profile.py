@@ -10,8 +10,8 @@ not warm-up) and the raw stacks are folded here into, per process:
 - the library functions (``htcgrid_executor``) with the most inclusive samples;
 - the leaf functions with the most samples.
 
-py-spy samples on-CPU Python stacks only (no ``--idle``): waiting in ``select``/``BLPOP`` is not
-time spent. ``redis-server`` is not Python; its CPU is reported from ``psutil`` instead.
+py-spy samples only threads that hold the GIL (``--gil``): Python code running, not a wait in
+``select``/``recv``/``BLPOP`` (without it, short blocking reads are counted as busy). ``redis-server`` is not Python; its CPU is reported from ``psutil`` instead.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class SpySession:
         out = Path(self.dir) / f"{section}.txt"
         self.proc = subprocess.Popen(
             [self.exe, "record", "--pid", str(os.getpid()), "--subprocesses", "--rate", str(RATE),
-             "--format", "raw", "--output", str(out), "--nonblocking"],
+             "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
             stdout=subprocess.DEVNULL, stderr=open(Path(self.dir) / f"{section}.pyspy.log", "wb"),
         )
         time.sleep(1.0)  # py-spy needs a moment to attach before the section starts
@@ -154,18 +154,46 @@ def _role(cmd: list[str] | str, is_client: bool, name: str = "", parent: str = "
     return (text[:40] or name) + "…"
 
 
+def _split_stack(stack: str) -> tuple[list[re.Match], list[str]]:
+    """py-spy's ``process <pid>:"<cmdline>"`` frames, and the code frames, of one raw line.
+
+    A command line may itself hold ``;`` (``-c "from multiprocessing.spawn import spawn_main;
+    spawn_main(...)"``), so a process frame runs on until its closing quote is followed by
+    another process frame or a code frame.
+    """
+    tokens = stack.split(";")
+    procs: list[re.Match] = []
+    code: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("process ") and ':"' in token:
+            j = i
+            while j + 1 < len(tokens) and not (
+                tokens[j].endswith('"') and (tokens[j + 1].startswith("process ") or _FRAME.match(tokens[j + 1]))
+            ):
+                j += 1
+            match = _PROCESS.match(";".join(tokens[i:j + 1]))
+            if match:
+                procs.append(match)
+            i = j + 1
+            continue
+        code.append(token)
+        i += 1
+    return procs, code
+
+
 def fold(raw_path: Path, client_pid: int | None = None) -> dict[str, Any]:
     """Fold a py-spy raw file into per-process layer/function counts."""
     per: dict[str, dict[str, Any]] = defaultdict(lambda: {
-        "samples": 0, "layers": Counter(), "lib_inclusive": Counter(), "leaf": Counter(), "role": "?"})
+        "samples": 0, "layers": Counter(), "lib_inclusive": Counter(), "leaf": Counter(), "entry": Counter(),
+        "role": "?"})
     for line in raw_path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = stack.split(";")
-        procs = [m for m in (_PROCESS.match(f) for f in frames) if m]
-        code = [f for f in frames if not _PROCESS.match(f)]
+        procs, code = _split_stack(stack)
         if not procs or not code:
             continue
         leaf_proc = procs[-1]
@@ -180,6 +208,7 @@ def fold(raw_path: Path, client_pid: int | None = None) -> dict[str, Any]:
             continue
         leaf = parsed[-1]
         entry["layers"][layer_of(leaf["file"])] += n
+        entry["entry"][_entry_point(parsed)] += n
         entry["leaf"][f"{leaf['func']} ({leaf['file']})"] += n
         seen = set()
         for m in parsed:
@@ -189,7 +218,21 @@ def fold(raw_path: Path, client_pid: int | None = None) -> dict[str, Any]:
                     seen.add(name)
                     entry["lib_inclusive"][name] += n
     return {pid: {**e, "layers": dict(e["layers"]), "lib_inclusive": dict(e["lib_inclusive"]),
-                  "leaf": dict(e["leaf"])} for pid, e in per.items()}
+                  "leaf": dict(e["leaf"]), "entry": dict(e["entry"])} for pid, e in per.items()}
+
+
+def _entry_point(parsed: list[re.Match]) -> str:
+    """The thread a stack belongs to, named by its outermost library function.
+
+    The main thread (the benchmark loop, ``submit``/``map`` and their result waits) starts in
+    ``runpy``; other threads start in ``threading``; the first ``htcgrid_executor`` frame names them.
+    """
+    main = parsed[0]["file"].startswith("<frozen runpy>") or parsed[0]["func"] == "<module>"
+    for m in parsed:
+        if "htcgrid_executor/" in m["file"]:
+            name = f"{m['func']} ({m['file'].split('htcgrid_executor/')[-1]})"
+            return ("main thread → " + name) if main else name
+    return "main thread (benchmark loop)" if main else "other thread"
 
 
 def profile_htcgrid(cfg, sections=("map_c1", "map_c100", "latency")) -> dict[str, Any]:
@@ -224,7 +267,8 @@ def _pct(part: float, total: float) -> str:
 def profile_markdown(profile: dict[str, Any], top: int = 8) -> str:
     if profile.get("error"):
         return f"_Not profiled: {profile['error']}._\n"
-    lines = [f"py-spy at {RATE} Hz per process, on-CPU samples only, during each section alone "
+    lines = [f"py-spy at {RATE} Hz per process, samples of threads holding the GIL (Python running), "
+             "during each section alone; CPU seconds by process from psutil "
              f"(raw stacks in `{profile.get('dir')}`).\n"]
     for section, entry in profile["sections"].items():
         res = entry.get("result", {})
@@ -243,18 +287,26 @@ def profile_markdown(profile: dict[str, Any], top: int = 8) -> str:
         if entry.get("error"):
             lines.append(f"_py-spy failed: `{entry['error']}`_\n")
             continue
-        procs = sorted(entry.get("processes", {}).items(), key=lambda kv: -kv[1]["samples"])
-        for pid, p in procs:
+        by_role: dict[str, dict[str, Any]] = {}
+        for p in entry.get("processes", {}).values():
+            agg = by_role.setdefault(p["role"], {"n": 0, "samples": 0, "layers": Counter(), "lib_inclusive": Counter(),
+                                                "leaf": Counter(), "entry": Counter()})
+            agg["n"] += 1
+            agg["samples"] += p["samples"]
+            for key in ("layers", "lib_inclusive", "leaf", "entry"):
+                agg[key].update(p.get(key, {}))
+        for role, p in sorted(by_role.items(), key=lambda kv: -kv[1]["samples"]):
             if p["samples"] < 20:
                 continue
             s = p["samples"]
-            lines.append(f"- **{p['role']}** (pid {pid}): {s} samples ≈ {s / RATE:.2f} CPU-s")
-            lines.append("  - by layer: " + ", ".join(
-                f"{k} {_pct(v, s)}" for k, v in Counter(p["layers"]).most_common(top)))
+            mult = f" (×{p['n']})" if p["n"] > 1 else ""
+            lines.append(f"- **{role}**{mult}: {s} samples ≈ {s / RATE:.2f} CPU-s")
+            lines.append("  - by thread: " + ", ".join(f"{k} {_pct(v, s)}" for k, v in p["entry"].most_common(5)))
+            lines.append("  - by layer: " + ", ".join(f"{k} {_pct(v, s)}" for k, v in p["layers"].most_common(top)))
             if p["lib_inclusive"]:
                 lines.append("  - htcgrid_executor functions (inclusive): " + ", ".join(
-                    f"`{k}` {_pct(v, s)}" for k, v in Counter(p["lib_inclusive"]).most_common(top)))
+                    f"`{k}` {_pct(v, s)}" for k, v in p["lib_inclusive"].most_common(top)))
             lines.append("  - leaf functions: " + ", ".join(
-                f"`{k}` {_pct(v, s)}" for k, v in Counter(p["leaf"]).most_common(top)))
+                f"`{k}` {_pct(v, s)}" for k, v in p["leaf"].most_common(top)))
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -387,7 +387,7 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         table,
         "How each figure is taken:\n\n"
         f"- *map*: `list(ex.map(noop, range({cfg['map_items']:,}), chunksize=c))`, timed from the call to "
-        f"the last result, median of {cfg['repeats']} run(s); `noop` returns its argument. dask's `ClientExecutor.map` drops `chunksize` "
+        f"the last result, median of {cfg['repeats']} run(s) (one when a run takes over 10 s); `noop` returns its argument. dask's `ClientExecutor.map` drops `chunksize` "
         "(one dask task per item), so its two columns measure the same thing.\n"
         f"- *submit→result*: {cfg['latency_n']:,} calls of `ex.submit(noop, i).result()`, one at a time, "
         f"after a warm-up (fewer if {3 if cfg['quick'] else 30} s run out first: the calls made are in "
