@@ -71,19 +71,39 @@ class AgentSettings:
 
 
 class _Runner:
-    """The runner child and its pipe; ``kill()`` may be called from the watcher thread."""
+    """The runner child, its pipe and the shared arrays it reports progress in.
+
+    ``kill()`` may be called from the watcher thread.
+    """
 
     _context = multiprocessing.get_context("spawn")  # no fork of a threaded agent
 
     def __init__(self, settings: AgentSettings) -> None:
         self.conn, child_conn = self._context.Pipe()
+        # [index of the task running now, its start in time.monotonic_ns()]; no lock: one writer
+        self.progress = self._context.RawArray("q", 2)
+        self.skip = self._context.RawArray("b", max(settings.max_batch, 1))
         self.process = self._context.Process(
             target=runner_main, name="htcgrid-runner", daemon=True,
-            args=(child_conn, settings.handler, os.getpid(), settings.max_output_bytes),
+            args=(child_conn, settings.handler, os.getpid(), settings.max_output_bytes,
+                  self.progress, self.skip),
         )
         self.process.start()
         child_conn.close()
         self.tasks_run = 0
+        self.batch: list[str] = []  # task ids of the batch it is running (agent's lock)
+
+    def start_batch(self, items: list[tuple[str, bytes, int]]) -> None:
+        for index in range(len(items)):
+            self.skip[index] = 0
+        self.progress[0] = -1
+        self.batch = [task_id for task_id, _, _ in items]
+        self.conn.send(items)
+
+    @property
+    def running_index(self) -> int:
+        """Index in the batch of the task running now (-1: none started yet)."""
+        return self.progress[0]
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -105,6 +125,14 @@ class StopRequested(Exception):
     """Raised by the SIGTERM handler to end an idle wait at once."""
 
 
+class _RunnerStopped(Exception):
+    """The runner had to be stopped (or died) in the middle of a batch."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why  # 'crash', 'timeout', 'stop' or 'lost'
+
+
 class Agent:
     """Runs tasks until ``stop`` is set. Thread-safe only in the ways the watcher needs."""
 
@@ -118,10 +146,9 @@ class Agent:
         self.table = StateTable(self.redis, retention_sec=settings.retention_sec)
         self.lease_ms = int(settings.lease_sec * 1000)
         self.stop_event = threading.Event()
-        self._lock = threading.Lock()  # guards the four fields below, shared with the watcher
+        self._lock = threading.Lock()  # guards the fields below, shared with the watcher
         self._owned: set[str] = set()  # claimed and not yet completed, released or lost
         self._lost: set[str] = set()  # owned tasks the grid took back (cancelled, lease lost)
-        self._current: str | None = None  # the task the runner is running now
         self._runner: _Runner | None = None
         # Claim size grows while tasks are short and drops to 1 when one is slow, so a deep
         # queue of tiny tasks goes in batches but long tasks stay pending (and cancellable as
@@ -141,7 +168,7 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 try:
-                    claims = self.table.claim(self.agent_id, self._batch, self.lease_ms)
+                    claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms)
                     if claims:
                         started = time.monotonic()
                         self._run_batch(claims)
@@ -180,106 +207,119 @@ class Agent:
             except redis.exceptions.RedisError:
                 pass  # the leases expire and the TTL checker requeues them
 
+    def _claim_size(self) -> int:
+        limit = self.settings.max_tasks_per_child
+        if limit and self._runner is not None:  # never more than the runner may still run
+            return max(1, min(self._batch, limit - self._runner.tasks_run))
+        return self._batch
+
     def _run_batch(self, claims: list[Claim]) -> None:
         with self._lock:
             self._owned.update(c.task_id for c in claims)
         inputs = self.redis.mget([input_key(c.task_id) for c in claims])
         outputs: dict[str, bytes] = {}
-        first_unflushed = 0.0
-        for index, (claim, raw_input) in enumerate(zip(claims, inputs, strict=True)):
-            if self.stop_event.is_set():
-                break
+        items: list[tuple[str, bytes, int]] = []
+        limits: list[int] = []
+        for claim, raw_input in zip(claims, inputs, strict=True):
             if raw_input is None:
                 message = f"task input {input_key(claim.task_id)} not found in the data plane"
                 outputs[claim.task_id] = encode_output(error_document(message, "Runtime.InputNotFound"))
-                continue
-            output = self._run_one(claim, raw_input)
-            if output is None:  # the runner was stopped: the rest of the batch is decided
-                self._flush(outputs)
-                self._give_back([c.task_id for c in claims[index + 1:]])
-                return
-            outputs[claim.task_id] = output
-            # finish outputs in groups, but never sit on one for more than a few milliseconds
-            now = time.monotonic()
-            first_unflushed = first_unflushed or now
-            if now - first_unflushed > 0.005 or len(outputs) >= 64:
-                self._flush(outputs)
-                outputs = {}
-                first_unflushed = 0.0
+            else:
+                items.append((claim.task_id, raw_input, claim.timeout_ms))
+                limits.append(claim.timeout_ms)
+        if items:
+            self._run_in_runner(items, limits, outputs)
         self._flush(outputs)
-        with self._lock:  # tasks left by a stop request are released in run()'s finally
-            remaining = [c.task_id for c in claims if c.task_id in self._owned]
-        if not self.stop_event.is_set():
-            self._give_back(remaining)
 
-    def _run_one(self, claim: Claim, raw_input: bytes) -> bytes | None:
-        """Run one task in the runner; None when the runner had to be stopped (cancel, time
-        limit, crash): what that means for the task has been written to the table already."""
-        task_id = claim.task_id
+    def _run_in_runner(self, items: list[tuple[str, bytes, int]], limits: list[int],
+                       outputs: dict[str, bytes]) -> None:
+        """Run a batch in the runner, completing outputs as they come back (in groups, but
+        never later than a few milliseconds after they are ready)."""
         with self._lock:
-            if task_id in self._lost:  # cancelled while it waited in this batch
-                self._forget(task_id)
-                return b""
             if self._runner is None:
                 self._runner = _Runner(self.settings)
             runner = self._runner
-            self._current = task_id
-        started = time.monotonic()
-        deadline = started + claim.timeout_ms / 1000 if claim.timeout_ms else None
-        timed_out = stopping = False
+            # cancelled while queued in this agent: give the runner a skip flag, not the work
+            runner.start_batch(items)
+            for index, (task_id, _, _) in enumerate(items):
+                if task_id in self._lost:
+                    runner.skip[index] = 1
+        received = 0
+        first_unflushed = 0.0
         try:
-            runner.conn.send((task_id, raw_input, claim.timeout_ms))
-            while True:
-                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            while received < len(items):
+                wait = 1.0
+                index = runner.running_index
+                if 0 <= index < len(items) and limits[index]:
+                    deadline = runner.progress[1] / 1e9 + limits[index] / 1000
+                    wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
                 if runner.conn.poll(wait):
-                    output = runner.conn.recv_bytes()
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    timed_out = True
+                    for index, output in runner.conn.recv():
+                        received += 1
+                        if output is not None:
+                            outputs[items[index][0]] = output
+                    now = time.monotonic()
+                    first_unflushed = first_unflushed or now
+                    if now - first_unflushed > 0.005 or len(outputs) >= 64 or received == len(items):
+                        self._flush(outputs)
+                        outputs.clear()
+                        first_unflushed = 0.0
+                    continue
+                index = runner.running_index
+                if 0 <= index < len(items) and limits[index] and (
+                        time.monotonic_ns() - runner.progress[1]) / 1e6 >= limits[index]:
                     runner.kill()
-                    raise EOFError
-                if self.stop_event.is_set():  # the agent is asked to stop: the task goes back
-                    stopping = True
+                    raise _RunnerStopped("timeout")
+                if self.stop_event.is_set():  # asked to stop: unfinished work goes back
                     runner.kill()
-                    raise EOFError
-        except (EOFError, OSError):
-            runner.process.join(5)
-            self._after_runner_death(task_id, runner, timed_out, stopping, claim.timeout_ms)
-            return None
+                    raise _RunnerStopped("stop")
+        except (EOFError, OSError, _RunnerStopped) as exc:
+            why = exc.why if isinstance(exc, _RunnerStopped) else "crash"
+            self._flush(outputs)
+            outputs.clear()
+            self._after_runner_stopped(runner, items, limits, why)
+            return
+        runner.tasks_run += len(items)
         with self._lock:
-            self._current = None
-        runner.tasks_run += 1
+            runner.batch = []
         limit = self.settings.max_tasks_per_child
         if limit and runner.tasks_run >= limit:
             with self._lock:
                 self._runner = None
             runner.stop()
-        return output
 
-    def _after_runner_death(self, task_id: str, runner: _Runner, timed_out: bool, stopping: bool,
-                            timeout_ms: int) -> None:
-        with self._lock:
-            self._current = None
-            self._runner = None
-            lost = task_id in self._lost
-            self._forget(task_id)
+    def _after_runner_stopped(self, runner: _Runner, items: list[tuple[str, bytes, int]],
+                              limits: list[int], why: str) -> None:
+        """Decide the batch after its runner was killed or died: the task it was running is
+        timed out, retried (crash) or released (stop); the others go back to the queue."""
+        runner.process.join(5)
         how = describe_exit(runner.process.exitcode)
         runner.conn.close()
-        if lost:
-            logger.debug("agent %s: stopped %s (cancelled or lease lost)", self.agent_id, task_id)
-        elif stopping:
-            self.table.release(self.agent_id, [task_id])
-        elif timed_out:
-            reason = f"ran over its time limit of {timeout_ms / 1000:g} s and was stopped"
-            self.table.time_out(self.agent_id, task_id, reason)
-            logger.info("agent %s: %s %s", self.agent_id, task_id, reason)
-        else:
-            reason = f"its runner process died ({how}) while running it"
-            state = self.table.lose(self.agent_id, task_id, reason)
-            logger.warning("agent %s: %s: %s; now %s", self.agent_id, task_id, reason, state)
+        index = max(runner.running_index, 0)
+        with self._lock:
+            self._runner = None
+            ids = [task_id for task_id, _, _ in items]
+            current = ids[index] if index < len(ids) else None
+            lost = current in self._lost
+            unfinished = [t for t in ids if t in self._owned and t != current]
+        if current is not None and current in self._owned:
+            if lost:
+                logger.debug("agent %s: stopped %s (cancelled or lease lost)", self.agent_id, current)
+            elif why == "stop":
+                unfinished.append(current)
+            elif why == "timeout":
+                reason = f"ran over its time limit of {limits[index] / 1000:g} s and was stopped"
+                self.table.time_out(self.agent_id, current, reason)
+                logger.info("agent %s: %s %s", self.agent_id, current, reason)
+            else:
+                reason = f"its runner process died ({how}) while running it"
+                state = self.table.lose(self.agent_id, current, reason)
+                logger.warning("agent %s: %s: %s; now %s", self.agent_id, current, reason, state)
+            with self._lock:
+                self._forget(current)
+        self._give_back(unfinished)
 
     def _flush(self, outputs: dict[str, bytes]) -> None:
-        outputs = {tid: out for tid, out in outputs.items() if out}
         if not outputs:
             return
         self.table.complete(self.agent_id, outputs)
@@ -320,12 +360,21 @@ class Agent:
                 self.stop_event.wait(0.5)
 
     def _take_back(self, task_ids: set[str]) -> None:
-        """The grid took these tasks back: stop the runner if it is running one of them."""
+        """The grid took these tasks back: skip them if they wait in the runner's batch, kill the
+        runner if it is running one of them now."""
         with self._lock:
             lost = task_ids & self._owned
             self._lost |= lost
-            if self._current in lost and self._runner is not None:
-                self._runner.kill()
+            runner = self._runner
+            if runner is None or not lost:
+                return
+            for index, task_id in enumerate(runner.batch):
+                if task_id in lost:
+                    runner.skip[index] = 1
+                    # read progress after setting the flag: if the runner has reached this task
+                    # it may have checked the flag already, so it must be stopped
+                    if runner.running_index == index:
+                        runner.kill()
 
 
 def main() -> int:

@@ -2,9 +2,8 @@
 
 It exists so that user code can be stopped: the agent kills the runner when the running task is
 cancelled or runs over its time limit, and starts a new one. It talks to its agent over a pipe,
-one task at a time: the agent sends ``(task_id, <task_id>-input bytes)``, the runner answers with
-the ``<task_id>-output`` bytes. The runner does the decoding, the call and the encoding, so the
-agent process only moves bytes.
+a batch at a time (one message each way per batch, not per task: see :func:`runner_main`). The
+runner does the decoding, the call and the encoding, so the agent process only moves bytes.
 
 The worker function is a Lambda-style ``handler(event, context)``. As on a deployment, a handler
 that raises (or cannot be imported, or returns something that is not JSON) gives a *finished*
@@ -95,8 +94,16 @@ def run_task(handler: Callable | None, load_error: str | None, spec: str, task_i
     return output
 
 
-def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: int) -> None:
-    """Entry point of the runner child: serve tasks until the pipe closes or None arrives."""
+def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: int,
+                progress: Any, skip: Any) -> None:
+    """Entry point of the runner child: serve batches until the pipe closes or None arrives.
+
+    A batch is a list of ``(task_id, input bytes, timeout_ms)``. Before each task the runner
+    writes its start time and index into the shared ``progress`` array (``[index, start_ns]``),
+    so the agent knows which task is running without a message per task, and skips a task whose
+    ``skip`` flag the agent set (it was cancelled while it waited). Outputs go back as lists of
+    ``(index, output or None)``, sent every few milliseconds and at the end of the batch.
+    """
     die_with_parent()
     if os.getppid() != parent_pid:  # the agent died before we could ask to die with it
         os._exit(1)
@@ -110,11 +117,24 @@ def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: 
         load_error = f"cannot import worker function {spec!r}: {type(exc).__name__}: {exc}"
     while True:
         try:
-            message = conn.recv()
+            batch = conn.recv()
         except (EOFError, OSError):
             return
-        if message is None:
+        if batch is None:
             return
-        task_id, raw_input, timeout_ms = message
-        conn.send_bytes(run_task(handler, load_error, spec, task_id, raw_input, timeout_ms,
-                                 max_output_bytes))
+        done: list[tuple[int, bytes | None]] = []
+        last_sent = time.monotonic()
+        for index, (task_id, raw_input, timeout_ms) in enumerate(batch):
+            progress[1] = time.monotonic_ns()
+            progress[0] = index  # after the start time: the agent reads index, then time
+            if skip[index]:
+                done.append((index, None))
+                continue
+            done.append((index, run_task(handler, load_error, spec, task_id, raw_input, timeout_ms,
+                                         max_output_bytes)))
+            if time.monotonic() - last_sent > 0.005:  # don't sit on finished outputs
+                conn.send(done)
+                done = []
+                last_sent = time.monotonic()
+        progress[0] = len(batch)
+        conn.send(done)

@@ -26,7 +26,9 @@ def _snapshot():
     )
 
 
-def test_twenty_starts_and_stops_leave_no_process_socket_or_file():
+def test_twenty_starts_and_stops_leave_no_process_socket_or_file(tmp_path, monkeypatch):
+    # a private temporary folder: other processes on this machine may be making grids too
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before_children, before_sockets, before_files, before_fds = _snapshot()
     for _ in range(20):
         with LocalGrid(workers=1, handler="grid_handlers:echo") as grid:
