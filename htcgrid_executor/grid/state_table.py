@@ -9,7 +9,8 @@ Layout (prefix ``htcgrid:``; data-plane keys are bare, as a deployment writes th
 - ``task:<tid>`` hash, only while the task is not terminal: state, owner, retries
 - ``session:<sid>`` hash: count, priority, listener, max_retries, timeout_ms, submitted_ms,
   and counters processing, finished, failed, cancelled
-- ``session:<sid>:events`` stream: one entry per task that reached a terminal state (t, s, r)
+- ``session:<sid>:events`` stream: one entry per task that reached a terminal state, one field
+  ``e`` = ``"<state> <task id> <reason>"`` (one field, not three: streams are read in bulk)
 - ``listener:<lid>`` stream: every change (processing and terminal) of that listener's sessions
 - ``queue:<priority>`` list and ``queues`` zset of priorities; ``leases`` zset tid -> expiry ms
 - ``agents`` zset agent -> registration expiry; ``agent:<id>:cancelled`` list; ``doorbell`` list
@@ -86,14 +87,14 @@ local function announce(sid, tid, state, reason, terminal, retention_ms)
   local listener = redis.call('HGET', skey, 'listener')
   if listener and listener ~= '' then
     local lkey = P .. 'listener:' .. listener
-    redis.call('XADD', lkey, '*', 't', tid, 's', state, 'r', reason)
+    redis.call('XADD', lkey, '*', 'e', state .. ' ' .. tid .. ' ' .. reason)
     if not listeners_touched[lkey] then
       redis.call('PEXPIRE', lkey, retention_ms)
       listeners_touched[lkey] = true
     end
   end
   if terminal then
-    redis.call('XADD', skey .. ':events', '*', 't', tid, 's', state, 'r', reason)
+    redis.call('XADD', skey .. ':events', '*', 'e', state .. ' ' .. tid .. ' ' .. reason)
     redis.call('HINCRBY', skey, state, 1)
     redis.call('DEL', P .. 'task:' .. tid)
     -- data-plane keys of an ended task live for the retention period, then go
@@ -481,11 +482,11 @@ class StateTable:
         else:
             entries = self.redis.xrange(stream_key, min=f"({after}" if after != "0" else "-",
                                         count=count)
-        return [
-            Event(cursor=eid.decode(), task_id=f[b"t"].decode(), state=TaskState(f[b"s"].decode()),
-                  reason=f.get(b"r", b"").decode())
-            for eid, f in entries
-        ]
+        events = []
+        for eid, fields in entries:
+            state, task_id, reason = fields[b"e"].decode().split(" ", 2)
+            events.append(Event(cursor=eid.decode(), task_id=task_id, state=TaskState(state), reason=reason))
+        return events
 
     def trim_listener(self, listener: str, before: str) -> None:
         """Drop a listener's entries older than ``before`` (the client has read them)."""
