@@ -350,7 +350,13 @@ class ControlPlaneServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        if host in ("0.0.0.0", "::"):  # a wildcard bind: name the machine for other machines
+            host = socket.getfqdn()
         return f"http://{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
 
     @property
     def requests_served(self) -> int:

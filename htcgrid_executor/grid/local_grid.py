@@ -78,7 +78,8 @@ class LocalGrid:
     ``"module:function"`` (default: this package's handler that runs executor calls).
     ``folder``: keep Redis data (append-only) and credentials there; None: a temporary folder.
     ``redis_url``: use that Redis instead of starting one. ``host``/``port``: where the HTTP API
-    listens (loopback by default; binding elsewhere exposes it, still behind its key).
+    (and the grid's own Redis) listen: loopback by default; binding elsewhere lets agents and
+    clients on other machines join, still behind the api key and the Redis password.
     ``heartbeat_sec``/``lease_sec``: how often agents heart-beat, and how long a silent agent
     keeps its tasks before the TTL checker retries them. ``retry_limit``: retries before a lost
     task fails (a submission's ``retry_count`` overrides it). ``max_tasks_per_child``: tasks a
@@ -174,8 +175,10 @@ class LocalGrid:
                 self._agent_redis_url = self._external_redis_url
                 self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=30)
             else:
+                # Redis listens where the HTTP API does: loopback unless told otherwise, so that
+                # agents on other machines can join a grid bound to a public address
                 self.redis_server = RedisServer(self.folder / "redis" if self.folder else None,
-                                                password=self._redis_password).start()
+                                                host=self.host, password=self._redis_password).start()
                 self._redis_password = self.redis_server.password
                 self.redis_url = self.redis_server.url
                 self._agent_redis_url = (f"unix://:{self.redis_server.password}@"
@@ -224,12 +227,12 @@ class LocalGrid:
         (a fault drill: clients must retry through it; the state table is untouched)."""
         if self._http is None:
             raise RuntimeError("the grid is not started")
-        host, port = self._http.url.removeprefix("http://").rsplit(":", 1)
+        port = self._http.port
         self._http.stop()
         self._http = None
         if down_sec:
             self._stopping.wait(down_sec)
-        self._http = ControlPlaneServer(self.table, self.api_key, host=host, port=int(port)).start()
+        self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=port).start()
 
     def restart_redis(self) -> None:
         """Restart the grid's own Redis on the same port and socket (a fault drill). With a

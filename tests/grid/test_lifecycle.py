@@ -215,3 +215,15 @@ def test_client_config_has_the_deployment_keys(grid):
         assert key in config
     assert config["public_api_gateway_url"].startswith("http://127.0.0.1:")
     json.dumps(config)
+
+
+def test_a_grid_can_use_an_external_redis_that_other_machines_share():
+    from htcgrid_executor.grid.redis_server import RedisServer
+
+    with RedisServer() as shared, LocalGrid(workers=1, handler="grid_handlers:act",
+                                            redis_url=shared.url, **FAST) as grid:
+        assert grid.redis_server is None  # it started none of its own
+        client = GridClient(grid)
+        sid = client.submit([{"value": "external"}])
+        assert client.outputs(sid, client.wait(sid, 1)) == {f"{sid}_0": {"ok": "external"}}
+        assert shared.client().exists(f"htcgrid:session:{sid}")
