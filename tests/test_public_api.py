@@ -308,3 +308,19 @@ def test_the_worker_handler_needs_only_cloudpickle():
 def test_the_connector_loads_no_aws_or_redis_library_until_it_needs_one():
     loaded = modules_loaded_by("from htcgrid_executor import AWSConnector")
     assert set(loaded) & {"boto3", "botocore", "pycognito", "redis"} == set()
+
+
+def test_importing_configures_no_logging():
+    """A library leaves logging to the application (the public client calls basicConfig at import)."""
+    probe = (
+        "import logging\n"
+        "import htcgrid_executor.executor, htcgrid_executor.connector, htcgrid_executor.grid.local_grid\n"
+        "import htcgrid_executor.worker, htcgrid_executor.cli\n"
+        "root = logging.getLogger()\n"
+        "ours = [logging.getLogger(n) for n in logging.root.manager.loggerDict if n.startswith('htcgrid')]\n"
+        "print(len(root.handlers), root.level,\n"
+        "      sum(not isinstance(h, logging.NullHandler) for lg in ours for h in lg.handlers))\n"
+    )
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.split() == ["0", str(30), "0"]  # no root handler, level WARNING, no handler of ours
