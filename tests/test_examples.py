@@ -1,7 +1,8 @@
 """Every example, and every Python snippet of the README, run as a user runs them; their output checked.
 
 Each runs in its own interpreter (as ``python examples/NAME.py``), with the environment cleared of
-the variables that would point it at a real deployment.
+the variables that would point it at a real deployment. Also: the README's and the docs' links lead
+somewhere, and every test the docs cite as proof exists.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import itertools
+import json
 import math
 import os
 import re
@@ -226,3 +228,55 @@ def test_the_installed_demo_command_prints_the_sweep(tmp_path):
     assert run.lines[0].split()[:2] == ["strike", "vol"]
     assert "4 options priced on the local grid" in run.stdout
     assert "pricing" in run.stderr  # the progress bar
+
+
+
+def test_deploying_client_snippet_runs_as_written(tmp_path, deployment_config):
+    """docs/deploying.md, step 6: the deployment's file without the secret, the secret from payload.key."""
+    text = (ROOT / "docs" / "deploying.md").read_text()
+    [code] = [c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "payload_signing_key" in c]
+    config = json.loads(deployment_config.read_text())
+    (tmp_path / "payload.key").write_text(config.pop("payload_signing_key") + "\n")
+    bare = tmp_path / "Agent_config.tfvars.json"
+    bare.write_text(json.dumps(config))  # as a deployment writes it: no payload_signing_key
+    script = tmp_path / "client.py"
+    script.write_text(code)
+    run = Run([sys.executable, str(script)], cwd=tmp_path, env=clean_env(AGENT_CONFIG_FILE=str(bare)))
+    assert run.stdout == "[1, 2, 3]\n"
+
+
+# ---------------------------------------------------------------------------------- docs
+
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(document: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    return {slug(match) for match in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_relative_links_lead_somewhere(document):
+    for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (document.parent / path).resolve() if path else document
+        assert resolved.exists(), f"{document.name} links to {target}, which does not exist"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in anchors(resolved), f"{document.name} links to {target}: no such heading"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_cited_tests_exist(document):
+    for path, name in re.findall(r"(tests/[\w/]+\.py)::(\w+)", document.read_text()):
+        source = ROOT / path
+        assert source.exists(), f"{document.name} cites {path}, which does not exist"
+        assert re.search(rf"^def {name}\(", source.read_text(), re.M), \
+            f"{document.name} cites {path}::{name}, which does not exist"
