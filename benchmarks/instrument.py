@@ -56,6 +56,7 @@ class ProcessCounters:
     def __init__(self, shared_dir: str | None = None) -> None:
         self._lock = threading.Lock()
         self._values = [0] * len(_SLOTS)
+        self.routes: dict[str, int] = {}  # "<route>_requests" / "<route>_bytes" (answer bodies)
         self._mmap = None
         self.installed: list[str] = []
         if shared_dir:
@@ -89,12 +90,28 @@ class ProcessCounters:
         counters = self
         original_putrequest = http.client.HTTPConnection.putrequest
 
-        def putrequest(conn, *args, **kwargs):
+        def putrequest(conn, method, url, *args, **kwargs):
             counters._add(0)
-            return original_putrequest(conn, *args, **kwargs)
+            route = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "root"
+            conn._bench_route = route
+            with counters._lock:
+                counters.routes[f"{route}_requests"] = counters.routes.get(f"{route}_requests", 0) + 1
+            return original_putrequest(conn, method, url, *args, **kwargs)
+
+        original_getresponse = http.client.HTTPConnection.getresponse
+
+        def getresponse(conn, *args, **kwargs):
+            response = original_getresponse(conn, *args, **kwargs)
+            route = getattr(conn, "_bench_route", None)
+            if route is not None and response.length:  # Content-Length; None when chunked
+                with counters._lock:
+                    key = f"{route}_bytes"
+                    counters.routes[key] = counters.routes.get(key, 0) + response.length
+            return response
 
         http.client.HTTPConnection.putrequest = putrequest
-        self.installed.append("http.client.HTTPConnection.putrequest")
+        http.client.HTTPConnection.getresponse = getresponse
+        self.installed.append("http.client.HTTPConnection.putrequest/getresponse")
         try:
             import redis.connection as rc
         except ImportError:
@@ -113,10 +130,12 @@ class ProcessCounters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             http_requests, redis_round_trips, grid_redis = self._values
+            routes = dict(self.routes)
         return {
             "client_http_requests": http_requests,
             "client_redis_round_trips": redis_round_trips,
             "grid_inprocess_redis_round_trips": grid_redis,
+            "http_routes": routes,
         }
 
 
