@@ -15,7 +15,8 @@ from typing import Any
 import boto3
 import jwt
 import pytest
-from conftest import RecordingGrid
+from connector_fixtures import *  # noqa: F403 - pytest fixtures
+from connector_helpers import RecordingGrid
 
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector

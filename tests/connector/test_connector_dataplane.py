@@ -8,7 +8,8 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import RecordingGrid, config_for
+from connector_fixtures import *  # noqa: F403 - pytest fixtures
+from connector_helpers import RecordingGrid, config_for
 
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector, LayeredStore, RedisStore, S3Store, make_store

@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 import pytest
-from conftest import RecordingGrid, config_for
+from connector_fixtures import *  # noqa: F403 - pytest fixtures
+from connector_helpers import RecordingGrid, config_for
 
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector, ResultBatch
