@@ -308,7 +308,13 @@ class AWSConnector:
         items[wire.payload_key(sid)] = wire.encode_submission(submission)
         store.put_many(items)
 
-        answer = transport.request("POST", "/submit", {"submission_content": sid}, retry=True)
+        try:
+            answer = transport.request("POST", "/submit", {"submission_content": sid}, retry=True)
+        except BadRequestError:
+            # The grid rejected the submission as malformed: nothing will ever read these keys.
+            # (Not on 5xx or no answer: the grid may have accepted it, and a retry needs them.)
+            self._forget_keys(store, list(items))
+            raise
         if not isinstance(answer, dict):
             raise ControlPlaneError("POST /submit: the grid's answer is not a JSON object")
         answered_sid = answer.get("session_id", sid)
@@ -319,6 +325,13 @@ class AWSConnector:
             answered_ids = task_ids
         logger.debug("session %s: submitted %d tasks", sid, len(task_ids))
         return {"session_id": sid, "task_ids": list(answered_ids)}
+
+    @staticmethod
+    def _forget_keys(store: DataPlane, keys: list[str]) -> None:
+        try:
+            store.delete_many(keys)
+        except GridError:  # best effort: the error being raised matters more
+            logger.debug("could not delete %d keys of a rejected submission", len(keys), exc_info=True)
 
     # ------------------------------------------------------------------------------ results
 

@@ -266,6 +266,8 @@ class S3Store(DataPlane):
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
+            # S3 answers AccessDenied, not NoSuchKey, for a missing key when the caller may not
+            # list the bucket: that one surfaces as a StorageError naming the cause.
             if _s3_code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
@@ -348,7 +350,13 @@ class LayeredStore(DataPlane):
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = list(keys)
-        values = self.cache.get_many(keys)
+        try:
+            values = self.cache.get_many(keys)
+        except GridUnavailableError:
+            # The cache is down: everything is in S3 too. (A refusal, StorageError, is raised:
+            # a wrong Redis password should not silently turn every read into an S3 read.)
+            logger.warning("data plane: Redis unreachable, reading %d keys from S3", len(keys))
+            return self.backing.get_many(keys)
         missing = [i for i, value in enumerate(values) if value is None]
         if missing:
             found = self.backing.get_many([keys[i] for i in missing])

@@ -150,3 +150,23 @@ def test_connector_on_s3_plus_redis(s3: Any, recording_grid: RecordingGrid, redi
         assert redis_db.dbsize() == 0
         assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0
     assert not any(t.name.startswith("htcgrid-s3") for t in threading.enumerate())
+
+
+def test_layered_store_reads_s3_when_redis_is_down(s3: Any) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s3.put_object(Bucket=BUCKET, Key="k", Body=b"from S3")
+    cache = RedisStore(f"redis://127.0.0.1:{port}/0", connect_timeout=1)
+    with LayeredStore(cache, S3Store(BUCKET, region="eu-west-1")) as store:
+        assert store.get_many(["k", "absent"]) == [b"from S3", None]
+        with pytest.raises(GridUnavailableError):  # writes need both
+            store.put_many({"k2": b"v"})
+
+
+def test_layered_store_does_not_hide_a_refused_redis_password(s3: Any, redis_server: Any) -> None:
+    cache = RedisStore(redis_server.url, password="wrong")
+    with LayeredStore(cache, S3Store(BUCKET, region="eu-west-1")) as store, pytest.raises(StorageError):
+        store.get_many(["k"])

@@ -435,3 +435,17 @@ def test_delete_session_data(wired: Any) -> None:
     conn.delete_session_data(answer)
     assert sorted(k.decode() for k in redis_db.keys()) == sorted(
         [wire.payload_key(keep["session_id"]), wire.input_key(keep["task_ids"][0])])
+
+
+def test_a_submission_the_grid_rejects_leaves_no_keys(wired: Any) -> None:
+    conn, grid, redis_db = wired
+    grid.script("POST", "/submit", [(400, {"error": "context.tasks_priority must be within ±1000000"})])
+    with pytest.raises(BadRequestError, match="tasks_priority"):
+        conn.send([{}, {}], priority=10**9)
+    assert redis_db.dbsize() == 0
+    # after a 5xx the grid may have accepted the session: its keys stay for the retry
+    conn.transport.max_attempts = 1
+    grid.script("POST", "/submit", [(502, "bad gateway")])
+    with pytest.raises(ControlPlaneError):
+        conn.send([{}])
+    assert redis_db.dbsize() == 2
