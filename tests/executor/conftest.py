@@ -1,0 +1,130 @@
+"""Fixtures of the executor tests: one real local grid for the session, executors on it, and
+teardown checks that nothing (thread, process) is left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+from stdlib_reference import ReferenceProcessPoolExecutor
+
+from htcgrid_executor.executor import HTCGridExecutor
+from htcgrid_executor.grid import LocalGrid
+
+# our own threads; the grid's (htcgrid-spawner, -supervisor, ...) belong to the session grid
+EXECUTOR_THREADS = ("htcgrid-sender", "htcgrid-poller")
+WORKERS = 2
+
+
+def executor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(EXECUTOR_THREADS)]
+
+
+def grid_tree(grid: LocalGrid | None) -> set[int]:
+    """Every process of a running grid: Redis, agents and their runners."""
+    if grid is None:
+        return set()
+    pids: set[int] = set()
+    roots = list(grid.agent_pids())
+    if grid.redis_server is not None and grid.redis_server.pid:
+        roots.append(grid.redis_server.pid)
+    for pid in roots:
+        try:
+            process = psutil.Process(pid)
+            pids.add(pid)
+            pids.update(child.pid for child in process.children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def stray_processes(grid: LocalGrid | None) -> list[psutil.Process]:
+    """Live child processes of this test process that are not the session grid's."""
+    allowed = grid_tree(grid)
+    strays = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in allowed and child.status() != psutil.STATUS_ZOMBIE:
+                strays.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return strays
+
+
+def assert_nothing_left(grid: LocalGrid | None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (executor_threads() or stray_processes(grid)):
+        time.sleep(0.05)
+    assert executor_threads() == [], f"executor threads left: {executor_threads()}"
+    strays = stray_processes(grid)
+    assert strays == [], f"processes left: {[(p.pid, p.cmdline()) for p in strays]}"
+
+
+_session_grid: list[LocalGrid] = []
+
+
+@pytest.fixture(scope="session")
+def grid() -> Iterator[LocalGrid]:
+    """One local grid for the whole session: 2 agents; a lost task is retried twice; agents claim
+    one task at a time, so that a task the grid reports processing is the one its agent runs (as
+    a process pool's running futures are), which the cancellation tests rely on."""
+    with LocalGrid(workers=WORKERS, retry_limit=2, claim_batch=1) as local_grid:
+        _session_grid.append(local_grid)
+        yield local_grid
+        _session_grid.clear()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and stray_processes(None):
+        time.sleep(0.05)
+    assert stray_processes(None) == []
+    assert [t for t in threading.enumerate() if t.name.startswith("htcgrid-") and t.name != "htcgrid-spawner"] == []
+
+
+def running_grid() -> LocalGrid | None:
+    return _session_grid[0] if _session_grid else None
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """Every test ends with no executor thread and no child process beyond the session grid's."""
+    yield
+    assert_nothing_left(running_grid())
+
+
+@pytest.fixture(params=["process", "htcgrid"])
+def executor_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_executor(executor_kind: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Build executors of the kind under test (ProcessPoolExecutor with Python 3.14's map, or
+    HTCGridExecutor on the session grid); all are shut down at the end of the test."""
+    created: list[Any] = []
+    config = request.getfixturevalue("grid").client_config if executor_kind == "htcgrid" else None
+
+    def make(**kwargs: Any) -> Any:
+        if executor_kind == "process":
+            executor = ReferenceProcessPoolExecutor(max_workers=WORKERS, **kwargs)
+        else:
+            executor = HTCGridExecutor(config=config, **kwargs)
+        created.append(executor)
+        return executor
+
+    yield make
+    for executor in created:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def executor(make_executor: Callable[..., Any]) -> Any:
+    return make_executor()
+
+
+@pytest.fixture
+def grid_executor(grid: LocalGrid) -> Iterator[HTCGridExecutor]:
+    with HTCGridExecutor(config=grid.client_config) as executor:
+        yield executor

@@ -1,0 +1,136 @@
+"""Functions the executor tests run remotely (in ProcessPoolExecutor workers and grid runners).
+
+Module-level so both executors pickle them by reference: grid runners import this module from the
+test process's ``sys.path``, which the local grid hands to its agents.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y=0, *, z=0):
+    return x + y + z
+
+
+def identity(x):
+    return x
+
+
+def noop(x=None):
+    return None
+
+
+def raise_value_error(message="boom"):
+    raise ValueError(message)
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise KeyError(x)
+    return x
+
+
+def sleep_return(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def start_and_sleep(marker, seconds, value=None):
+    """Say "I started" with a file, then sleep: lets a test know the call really runs."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return value
+
+
+def sleep_then_write(path, seconds):
+    """Write ``path`` after sleeping: if the file appears, the call was not stopped."""
+    time.sleep(seconds)
+    Path(path).write_text("ran to the end")
+    return "written"
+
+
+def pid_and_thread():
+    return os.getpid(), threading.get_ident()
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def exit_process(code=3):
+    os._exit(code)
+
+
+def kill_runner_once(marker, value):
+    """SIGKILL our own process the first time (marker absent), succeed the second time."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("killed once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+def wait_for_file_then_return(path, value, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+class CustomError(Exception):
+    """An exception with extra state, to check that it travels as itself."""
+
+    def __init__(self, message, code):
+        super().__init__(message, code)
+        self.code = code
+
+
+def raise_custom(code):
+    raise CustomError("custom failure", code)
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()  # cannot be pickled
+
+
+def raise_unpicklable():
+    raise UnpicklableError("cannot travel")
+
+
+def return_unpicklable():
+    return threading.Lock()
+
+
+def get_initialized():
+    return INITIALIZED.get("value"), INITIALIZED.get("count", 0)
+
+
+INITIALIZED: dict = {}
+
+
+def initializer(value):
+    INITIALIZED["value"] = value
+    INITIALIZED["count"] = INITIALIZED.get("count", 0) + 1
+
+
+def failing_initializer():
+    raise RuntimeError("initializer failed")
+
+
+def big_result(n):
+    return b"x" * n
+
+
+def kwargs_of(**kwargs):
+    return kwargs
