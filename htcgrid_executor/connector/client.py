@@ -311,9 +311,11 @@ class AWSConnector:
         try:
             answer = transport.request("POST", "/submit", {"submission_content": sid}, retry=True)
         except BadRequestError:
-            # The grid rejected the submission as malformed: nothing will ever read these keys.
-            # (Not on 5xx or no answer: the grid may have accepted it, and a retry needs them.)
-            self._forget_keys(store, list(items))
+            # The grid rejected a session made here as malformed: nothing will ever read these
+            # keys. Not after a 5xx or no answer (the grid may have accepted it, and a retry needs
+            # them), nor for a caller's session id (it may name a session accepted earlier).
+            if session_id is None:
+                self._forget_keys(store, list(items))
             raise
         if not isinstance(answer, dict):
             raise ControlPlaneError("POST /submit: the grid's answer is not a JSON object")
