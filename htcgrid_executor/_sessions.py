@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _IDLE_TICK = 0.5  # how often an idle thread checks whether its executor was collected
 _LONG_POLL_SEC = 5.0  # one long poll's wait; new sessions join the listener's stream meanwhile
+_CANCEL_CHUNK = 500  # task ids per cancel request: the query string stays under 64 KiB
 
 # Set at interpreter exit (before non-daemon threads are joined): threads then finish what was
 # submitted and stop, as ProcessPoolExecutor's manager thread does.
@@ -113,6 +114,7 @@ class _Core:
         signing_key: str | None,
         priority: int,
         task_timeout_sec: float | None,
+        retry_count: int | None,
         batch_size: int,
         batch_window: float,
         broken_after_sec: float,
@@ -124,6 +126,7 @@ class _Core:
         self.key = signing_key
         self.priority = priority
         self.task_timeout_sec = task_timeout_sec
+        self.retry_count = retry_count
         self.batch_size = batch_size
         self.batch_window = batch_window
         self.broken_after_sec = broken_after_sec
@@ -216,7 +219,8 @@ class _Core:
                 response = {"session_id": sid, "task_ids": task_ids, "listener": record.get("listener")}
                 self.sessions[sid] = _Session(response, len(task_ids), sent=True)
                 for tid in task_ids:
-                    call = _Call(self, {}, raw=False)
+                    # raw: whether a task was ours or a plain dict, its output tells
+                    call = _Call(self, {}, raw=True)
                     call.task, call.task_id = None, tid
                     self.tasks[tid] = call
                     futures.append(call.future)
@@ -390,8 +394,13 @@ class _Core:
                 self._send(batch, session, tasks_list)
             if session_cancels:
                 self._best_effort("cancel_sessions", self.connector.cancel_sessions, session_cancels)
-            if cancels:
-                self._best_effort("cancel_tasks", self.connector.cancel_tasks, cancels)
+                gone = set(session_cancels)
+                cancels = [tid for tid in cancels if tid.rpartition("_")[0] not in gone]
+            if cancels and getattr(self.connector, "extensions", None) is not False:
+                # (a plain deployment cannot cancel single tasks: they run, their futures stay cancelled)
+                for start in range(0, len(cancels), _CANCEL_CHUNK):
+                    self._best_effort("cancel_tasks", self.connector.cancel_tasks,
+                                      cancels[start:start + _CANCEL_CHUNK])
             for response in cleanups:
                 self._best_effort("delete_session_data", self.connector.delete_session_data, response)
 
@@ -430,7 +439,7 @@ class _Core:
             try:
                 response = self.connector.send(
                     tasks_list, priority=self.priority, session_id=sid, listener=self.listener,
-                    task_timeout_sec=self.task_timeout_sec,
+                    task_timeout_sec=self.task_timeout_sec, retry_count=self.retry_count,
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below: retry, or fail the batch

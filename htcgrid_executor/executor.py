@@ -60,8 +60,10 @@ class HTCGridExecutor(Executor):
     break as a process pool does). ``mp_context`` is accepted and ignored (there are no local
     processes to start). ``max_tasks_per_child`` is passed to the embedded grid.
 
-    Grid options: ``priority`` and ``task_timeout_sec`` (a per-task time limit: a task over it is
-    stopped and its future raises ``TaskFailedError``) apply to every task sent.
+    Grid options, for every task sent: ``priority``; ``task_timeout_sec``, a per-task time limit
+    (a task over it is stopped and its future raises ``TaskFailedError``); ``retry_count``, how
+    often the grid retries a task whose worker was lost before failing it with
+    ``TaskFailedError`` (None: the grid's default).
 
     Batching: calls are pickled in the caller and sent by a background thread, up to
     ``batch_size`` calls per ``send`` (one grid session). The sender sends as soon as it is free;
@@ -84,6 +86,7 @@ class HTCGridExecutor(Executor):
         max_tasks_per_child: int | None = None,
         priority: int = 0,
         task_timeout_sec: float | None = None,
+        retry_count: int | None = None,
         batch_size: int = 1000,
         batch_window: float = 0.0,
         broken_after_sec: float = 60.0,
@@ -136,7 +139,8 @@ class HTCGridExecutor(Executor):
                     raise PayloadError(f"cannot pickle the initializer or its initargs: {exc.__cause__}") from exc
             self._core = _Core(
                 self, connector, owns_connector=owns_connector, grid=grid, signing_key=key,
-                priority=priority, task_timeout_sec=task_timeout_sec, batch_size=batch_size,
+                priority=priority, task_timeout_sec=task_timeout_sec, retry_count=retry_count,
+                batch_size=batch_size,
                 batch_window=batch_window, broken_after_sec=broken_after_sec,
             )
         except BaseException:
