@@ -1,0 +1,203 @@
+"""The worker handler and the task codec, called directly (no grid)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from executor_tasks import CustomError, add, raise_custom, raise_unpicklable, square
+
+from htcgrid_executor import worker
+from htcgrid_executor.errors import ConfigurationError, PayloadError, RemoteError, SignatureError
+from htcgrid_executor.payload import PAYLOAD_KEY_ENV, dumps_signed, loads_signed
+from htcgrid_executor.worker import (
+    decode_output,
+    is_executor_task,
+    lambda_handler,
+    make_task,
+    pickle_args,
+    pickle_chunk,
+    pickle_function,
+)
+
+KEY = "test-secret"
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv(PAYLOAD_KEY_ENV, KEY)
+
+
+def call_task(fn, *args, **kwargs):
+    return make_task(pickle_function(fn, KEY), pickle_args(fn, args, kwargs, KEY))
+
+
+def run(task):
+    """Run a task as an agent does: the event is the JSON round trip of the task dict, and the
+    handler's answer is JSON-serialised into the output text."""
+    event = json.loads(json.dumps(task))
+    return json.dumps(lambda_handler(event, None))
+
+
+def test_a_call_round_trips():
+    task = call_task(add, 2, 3, z=4)
+    assert is_executor_task(task)
+    assert decode_output(run(task), KEY) == (True, 9)
+
+
+def test_a_map_chunk_returns_the_list_of_results():
+    task = make_task(pickle_function(square, KEY), pickle_chunk(square, [(1,), (2,), (3,)], KEY), mode="map")
+    assert decode_output(run(task), KEY) == (True, [1, 4, 9])
+
+
+def test_closures_and_lambdas_travel():
+    offset = 10
+    task = call_task(lambda x: x + offset, 5)
+    assert decode_output(run(task), KEY) == (True, 15)
+
+
+def test_an_exception_comes_back_as_itself_with_the_remote_traceback():
+    ok, exc = decode_output(run(call_task(raise_custom, 7)), KEY)
+    assert not ok and isinstance(exc, CustomError) and exc.code == 7
+    assert type(exc.__cause__).__name__ == "_RemoteTraceback"
+    text = str(exc.__cause__)
+    assert "raise_custom" in text and "CustomError" in text
+    assert "lambda_handler" not in text  # the handler's own frames are dropped
+
+
+def test_system_exit_in_user_code_is_caught():
+    ok, exc = decode_output(run(call_task(exit_now)), KEY)
+    assert not ok and isinstance(exc, SystemExit)
+
+
+def exit_now():
+    raise SystemExit(3)
+
+
+def test_an_unpicklable_exception_becomes_remote_error():
+    ok, exc = decode_output(run(call_task(raise_unpicklable)), KEY)
+    assert not ok and isinstance(exc, RemoteError)
+    assert exc.type_name == "executor_tasks.UnpicklableError"
+    assert "cannot travel" in str(exc) and "raise_unpicklable" in exc.remote_traceback
+
+
+def test_an_unpicklable_result_becomes_the_error():
+    ok, exc = decode_output(run(call_task(threading.Lock)), KEY)
+    assert not ok and isinstance(exc, PayloadError) and "pickle" in str(exc)
+
+
+def test_a_tampered_task_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+    task = call_task(square, 3)
+    # a payload signed with another key: it would create the marker if it were unpickled
+    task["args"] = dumps_signed(_Evil(str(marker)), "attacker-key")
+    answer = lambda_handler(task, None)
+    assert answer["ok"] is False and answer["error"] == "signature"
+    assert not marker.exists()
+    ok, exc = decode_output(json.dumps(answer), KEY)
+    assert not ok and isinstance(exc, SignatureError)
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_tampered_output_is_refused_by_the_client():
+    text = run(call_task(square, 3))
+    doc = json.loads(text)
+    doc["result"] = dumps_signed(99, "attacker-key")
+    ok, exc = decode_output(json.dumps(doc), KEY)
+    assert not ok and isinstance(exc, SignatureError)
+
+
+def test_a_worker_without_the_key_says_so(monkeypatch):
+    task = call_task(square, 3)
+    monkeypatch.delenv(PAYLOAD_KEY_ENV)
+    ok, exc = decode_output(run(task), KEY)
+    assert not ok and isinstance(exc, ConfigurationError) and PAYLOAD_KEY_ENV in str(exc)
+
+
+@pytest.mark.parametrize("event", [{"hello": 1}, [], "text", None, {"htcgrid_executor": 1, "fn": 3, "args": 4}])
+def test_a_task_that_is_not_ours_gets_an_error_envelope(event):
+    answer = lambda_handler(event, None)
+    assert answer["ok"] is False and answer["error"] == "payload"
+    ok, exc = decode_output(json.dumps(answer), KEY)
+    assert not ok and isinstance(exc, PayloadError)
+
+
+def test_initializer_runs_once_per_process_per_initializer():
+    import executor_tasks
+
+    executor_tasks.INITIALIZED.clear()
+    worker._INITIALIZED.clear()
+    fn_blob = pickle_function(square, KEY)
+    for value in ("first", "second"):  # two executors' initializers: each runs once
+        init = dumps_signed((executor_tasks.initializer, (value,)), KEY)
+        for i in range(3):
+            task = make_task(fn_blob, pickle_args(square, (i,), {}, KEY), init_blob=init)
+            assert decode_output(run(task), KEY) == (True, i * i)
+    assert executor_tasks.INITIALIZED == {"value": "second", "count": 2}
+
+
+def test_a_failing_initializer_fails_the_task_and_is_tried_again():
+    init = dumps_signed((fail_init, ()), KEY)
+    task = make_task(pickle_function(square, KEY), pickle_args(square, (2,), {}, KEY), init_blob=init)
+    for _ in range(2):
+        ok, exc = decode_output(run(task), KEY)
+        assert not ok and isinstance(exc, RuntimeError) and str(exc) == "init failed"
+    assert init not in worker._INITIALIZED
+
+
+def fail_init():
+    raise RuntimeError("init failed")
+
+
+def test_a_function_is_unpickled_once_per_process():
+    fn_blob = pickle_function(square, KEY)
+    worker._FUNCTIONS.clear()
+    for i in range(5):
+        assert lambda_handler(make_task(fn_blob, pickle_args(square, (i,), {}, KEY)), None)["ok"]
+    assert list(worker._FUNCTIONS) == [fn_blob]
+
+
+def test_unpicklable_calls_name_the_culprit():
+    lock = threading.Lock()
+    with pytest.raises(PayloadError, match=r"positional argument 1 \(a lock\).*'add'"):
+        pickle_args(add, (1, lock), {}, KEY)
+    with pytest.raises(PayloadError, match=r"keyword argument 'y' \(a lock\)"):
+        pickle_args(add, (1,), {"y": lock}, KEY)
+    with pytest.raises(PayloadError, match=r"the function '.*<lambda>'"):
+        pickle_function(lambda: lock, KEY)
+    with pytest.raises(PayloadError, match=r"positional argument 0 \(a lock\) of a map over 'square'"):
+        pickle_chunk(square, [(1,), (lock,)], KEY)
+
+
+def test_raw_outputs_decode_as_json_or_text():
+    assert decode_output('{"a": [1, 2]}', None, raw=True) == (True, {"a": [1, 2]})
+    assert decode_output("plain text", None, raw=True) == (True, "plain text")
+    assert decode_output('"a string"', None, raw=True) == (True, "a string")
+
+
+def test_a_lambda_error_document_becomes_remote_error():
+    doc = json.dumps({"errorMessage": "it broke", "errorType": "KeyError", "stackTrace": ["  File x\n"]})
+    for raw in (True, False):
+        ok, exc = decode_output(doc, KEY, raw=raw)
+        assert not ok and isinstance(exc, RemoteError)
+        assert exc.type_name == "KeyError" and "it broke" in str(exc) and "File x" in exc.remote_traceback
+
+
+def test_an_output_that_is_no_envelope_is_an_error_for_our_tasks():
+    ok, exc = decode_output('{"result": 3}', KEY)
+    assert not ok and isinstance(exc, PayloadError) and "lambda_handler" in str(exc)
+
+
+def test_the_envelope_is_json_and_signed():
+    answer = lambda_handler(call_task(square, 4), None)
+    json.dumps(answer)  # JSON-safe
+    assert loads_signed(answer["result"], KEY) == 16
