@@ -3,6 +3,7 @@ teardown checks that nothing (thread, process) is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,10 +25,8 @@ def executor_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(EXECUTOR_THREADS)]
 
 
-def grid_tree(grid: LocalGrid | None) -> set[int]:
+def grid_tree(grid: LocalGrid) -> set[int]:
     """Every process of a running grid: Redis, agents and their runners."""
-    if grid is None:
-        return set()
     pids: set[int] = set()
     roots = list(grid.agent_pids())
     if grid.redis_server is not None and grid.redis_server.pid:
@@ -43,8 +42,10 @@ def grid_tree(grid: LocalGrid | None) -> set[int]:
 
 
 def stray_processes(grid: LocalGrid | None) -> list[psutil.Process]:
-    """Live child processes of this test process that are not the session grid's."""
-    allowed = grid_tree(grid)
+    """Live child processes of this test process that belong to no fixture grid (nor ``grid``)."""
+    allowed: set[int] = set()
+    for fixture in {id(g): g for g in [*FIXTURE_GRIDS, *([grid] if grid else [])]}.values():
+        allowed |= grid_tree(fixture)
     strays = []
     for child in psutil.Process().children(recursive=True):
         try:
@@ -65,6 +66,18 @@ def assert_nothing_left(grid: LocalGrid | None, timeout: float = 15.0) -> None:
 
 
 _session_grid: list[LocalGrid] = []
+FIXTURE_GRIDS: list[LocalGrid] = []  # grids that outlive a test (module and session fixtures)
+
+
+@contextlib.contextmanager
+def fixture_grid(**kwargs: Any) -> Iterator[LocalGrid]:
+    """A LocalGrid for a module fixture: its processes are not counted as a test's leftovers."""
+    with LocalGrid(**kwargs) as local_grid:
+        FIXTURE_GRIDS.append(local_grid)
+        try:
+            yield local_grid
+        finally:
+            FIXTURE_GRIDS.remove(local_grid)
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +85,7 @@ def grid() -> Iterator[LocalGrid]:
     """One local grid for the whole session: 2 agents; a lost task is retried twice; agents claim
     one task at a time, so that a task the grid reports processing is the one its agent runs (as
     a process pool's running futures are), which the cancellation tests rely on."""
-    with LocalGrid(workers=WORKERS, retry_limit=2, claim_batch=1) as local_grid:
+    with fixture_grid(workers=WORKERS, retry_limit=2, claim_batch=1) as local_grid:
         _session_grid.append(local_grid)
         yield local_grid
         _session_grid.clear()

@@ -134,3 +134,12 @@ def big_result(n):
 
 def kwargs_of(**kwargs):
     return kwargs
+
+
+def raw_handler(event, context):
+    """A plain HTC-Grid worker function (not this package's), for raw task dicts."""
+    if "fail" in event:
+        raise ValueError(event["fail"])
+    if "say" in event:
+        return event["say"]
+    return {"echo": event}
