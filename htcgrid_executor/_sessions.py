@@ -436,6 +436,7 @@ class _Core:
         first_failure: float | None = None
         delay = 0.05
         while True:
+            attempt_started = time.monotonic()
             try:
                 response = self.connector.send(
                     tasks_list, priority=self.priority, session_id=sid, listener=self.listener,
@@ -446,9 +447,9 @@ class _Core:
                 if not _retryable(exc) or self.broken is not None:
                     self._drop_session(batch, session, exc)
                     return
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if now - first_failure >= self.broken_after_sec:
+                # the streak began when the first failed call began: its own retries count too
+                first_failure = first_failure or attempt_started
+                if time.monotonic() - first_failure >= self.broken_after_sec:
                     self.set_broken(f"cannot send tasks to the grid for {self.broken_after_sec:g} s: {exc}", exc)
                     return
                 logger.debug("send of session %s failed (%s); retrying", sid, exc)
@@ -542,6 +543,7 @@ class _Core:
                 continue
             changed = False
             extensions = True
+            attempt_started = time.monotonic()
             try:
                 for lid, sessions in groups.items():
                     wait = _LONG_POLL_SEC if len(groups) == 1 else 0.0
@@ -559,9 +561,8 @@ class _Core:
                         changed = self.apply(batch) or changed
                 first_failure, delay = None, 0.05
             except Exception as exc:  # noqa: BLE001 - any failure to poll is retried to the deadline
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if now - first_failure >= self.broken_after_sec:
+                first_failure = first_failure or attempt_started
+                if time.monotonic() - first_failure >= self.broken_after_sec:
                     self.set_broken(f"cannot reach the grid for {self.broken_after_sec:g} s: {exc}", exc)
                     continue
                 logger.debug("poll failed (%s); retrying in %.2f s", exc, delay)
