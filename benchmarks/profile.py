@@ -268,8 +268,7 @@ def profile_markdown(profile: dict[str, Any], top: int = 8) -> str:
     if profile.get("error"):
         return f"_Not profiled: {profile['error']}._\n"
     lines = [f"py-spy at {RATE} Hz per process, samples of threads holding the GIL (Python running), "
-             "during each section alone; CPU seconds by process from psutil "
-             f"(raw stacks in `{profile.get('dir')}`).\n"]
+             "during each section alone; CPU seconds by process from psutil.\n"]
     for section, entry in profile["sections"].items():
         res = entry.get("result", {})
         lines.append(f"#### {section}: " + ", ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v:,}"

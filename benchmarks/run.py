@@ -135,8 +135,8 @@ def run_child(name: str, sections: list[str], cfg: Config, log_dir: Path,
               env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one child; return ``{section: result}`` with a status in each result.
 
-    ``env_extra`` is added to the child's environment (the profiler's switch). Sections are bounded one by one; the start-up and
-    shutdown of the executor count as sections too.
+    ``env_extra`` is added to the child's environment (the profiler's switch). Sections are
+    bounded one by one; the start-up and shutdown of the executor count as sections too.
     """
     try:
         import psutil
@@ -148,8 +148,8 @@ def run_child(name: str, sections: list[str], cfg: Config, log_dir: Path,
     log_path = log_dir / f"{name}-{'-'.join(sections)}.log"
     out: dict[str, Any] = {"_log": str(log_path)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(name, log_dir) | (env_extra or {}), stdout=subprocess.PIPE,
-                                stderr=log, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(name, log_dir) | (env_extra or {}),
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     lines: queue.Queue = queue.Queue()
 
     def reader() -> None:
@@ -162,8 +162,11 @@ def run_child(name: str, sections: list[str], cfg: Config, log_dir: Path,
     current, deadline = "startup", time.monotonic() + cfg.budgets["startup"] + 15
     finished = False
     timed_out = None
+    next_scan = 0.0
     while True:
-        if psutil is not None:
+        if psutil is not None and time.monotonic() >= next_scan:
+            # once a second: enough to know the tree, cheap enough not to skew the figures
+            next_scan = time.monotonic() + 1.0
             try:
                 for p in psutil.Process(proc.pid).children(recursive=True):
                     known.setdefault(p.pid, p)
@@ -207,12 +210,13 @@ def run_child(name: str, sections: list[str], cfg: Config, log_dir: Path,
         proc.wait()
     # Grid processes left behind by a clean exit are a finding too (and must not skew the
     # next executor's measurements).
-    leftovers = 0
+    leftovers: list[str] = []
     for p in known.values():
         try:
             if p.is_running() and p.status() != "zombie":
+                what = " ".join(p.cmdline())[:80] or p.name()
                 p.kill()
-                leftovers += 1
+                leftovers.append(what)
         except Exception:
             pass
     if leftovers and not timed_out:
