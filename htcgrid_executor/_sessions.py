@@ -173,10 +173,12 @@ class _Core:
         self.poller_event.set()
 
     def join(self, timeout: float | None = None) -> None:
-        current = threading.current_thread()
+        """Wait for both threads; a no-op when called from one of them (a done callback runs in
+        the poller and may call ``shutdown()``: waiting there could never end)."""
+        if threading.current_thread() in self.threads:
+            return
         for thread in self.threads:
-            # a done callback (run by the poller) may call shutdown(wait=True): not itself
-            if thread is not current and thread.ident is not None:
+            if thread.ident is not None:
                 thread.join(timeout)
 
     # ---- called by the executor (caller threads) --------------------------------------------
@@ -543,22 +545,28 @@ class _Core:
                 continue
             changed = False
             extensions = True
+            long_polled = False
             attempt_started = time.monotonic()
             try:
+                single = len(groups) == 1
                 for lid, sessions in groups.items():
-                    wait = _LONG_POLL_SEC if len(groups) == 1 else 0.0
-                    if lid is None:
+                    if lid is None:  # sessions sent without a listener (attached): one by one
                         for response in sessions:
-                            ck = "session:" + response["session_id"]
-                            batch = self.connector.poll_session(response["session_id"], after=cursors.get(ck))
-                            cursors[ck] = batch.cursor
-                            extensions = extensions and batch.extensions
+                            key = "session:" + response["session_id"]
+                            wait = _LONG_POLL_SEC if single and len(sessions) == 1 else 0.0
+                            batch = self.connector.poll_session(response["session_id"], after=cursors.get(key),
+                                                                wait_sec=wait)
                             changed = self.apply(batch) or changed
+                            cursors[key] = batch.cursor  # after apply: a failed apply is polled again
+                            extensions = extensions and batch.extensions
+                            long_polled = long_polled or wait > 0
                     else:
+                        wait = _LONG_POLL_SEC if single else 0.0
                         batch = self.connector.poll_listener(lid, sessions, cursors.get(lid), wait_sec=wait)
+                        changed = self.apply(batch) or changed
                         cursors[lid] = batch.cursor
                         extensions = extensions and batch.extensions
-                        changed = self.apply(batch) or changed
+                        long_polled = long_polled or wait > 0
                 first_failure, delay = None, 0.05
             except Exception as exc:  # noqa: BLE001 - any failure to poll is retried to the deadline
                 first_failure = first_failure or attempt_started
@@ -570,13 +578,14 @@ class _Core:
                 self.poller_event.clear()
                 delay = min(delay * 2, 2.0)
                 continue
-            if not extensions and not changed:
-                # a plain deployment answers at once: poll at an interval that backs off when idle
+            if changed:
+                interval = 0.01
+            elif not long_polled or not extensions:
+                # nothing waited on the server side (several channels, or a plain deployment that
+                # answers at once): poll at an interval that backs off while nothing changes
                 self.poller_event.wait(interval)
                 self.poller_event.clear()
                 interval = min(interval * 2, pull_interval)
-            elif changed:
-                interval = 0.01
 
 
 def _retryable(exc: BaseException) -> bool:

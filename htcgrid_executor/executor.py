@@ -128,7 +128,7 @@ class HTCGridExecutor(Executor):
                     grid.stop()
                 raise
         try:
-            key = connector.payload_signing_key
+            key = getattr(connector, "payload_signing_key", None)
             self._init_blob: str | None = None
             if initializer is not None:
                 if key is None:
@@ -285,7 +285,8 @@ class HTCGridExecutor(Executor):
         grid). Beyond the stdlib, ``kill_running`` stops tasks already running: their runners are
         killed on the grid and their futures raise ``CancelledError`` (a running Future cannot be
         cancelled, so ``cancelled()`` stays False). Both together cancel this executor's sessions
-        on the grid. Without them, work already submitted still runs to the end.
+        on the grid. Without them, work already submitted still runs to the end. Called from a
+        done callback (they run in the executor's poller thread) it cannot wait, and does not.
         """
         self._core.request_stop(cancel_futures=cancel_futures, kill_running=kill_running)
         if wait:

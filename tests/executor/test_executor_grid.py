@@ -379,6 +379,32 @@ def test_attach_collects_the_results_of_a_crashed_client(grid, tmp_path):
         assert connector.store.get_many([wire.input_key(t) for t in task_ids]) == [None] * len(task_ids)
 
 
+def test_attach_to_sessions_sent_by_the_plain_connector(grid):
+    from htcgrid_executor.worker import make_task, pickle_args, pickle_function
+
+    with AWSConnector(grid.client_config) as connector:
+        key = connector.payload_signing_key
+        fn_blob = pickle_function(square, key)
+        answers = [connector.send([make_task(fn_blob, pickle_args(square, (i,), {}, key)) for i in range(n)])
+                   for n in (3, 2)]
+        futures = HTCGridExecutor.attach(answers, connector=connector)
+        assert [f.result(timeout=T) for f in futures] == [0, 1, 4, 0, 1]
+        assert_nothing_left(grid, timeout=5)
+
+
+def test_shutdown_with_wait_from_a_done_callback_does_not_deadlock(grid):
+    executor = HTCGridExecutor(config=grid.client_config)
+    called = threading.Event()
+
+    def callback(_):
+        executor.shutdown(wait=True)
+        called.set()
+
+    executor.submit(square, 2).add_done_callback(callback)
+    assert called.wait(T)
+    executor.shutdown(wait=True)
+
+
 # ------------------------------------------------------------------------------ losing the grid
 
 
