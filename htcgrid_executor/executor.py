@@ -72,6 +72,22 @@ class HTCGridExecutor(Executor):
 
     ``broken_after_sec``: if the grid cannot be reached for that long, every pending future fails
     with ``BrokenGridExecutor`` and the executor refuses new work.
+
+    What a grid changes in the ``Future`` contract (nothing else does):
+        * ``running()`` becomes True when the grid reports the task processing (an agent that
+          claims several short tasks at once reports them all); a task retried after its worker
+          was lost stays running.
+        * ``cancel()`` succeeds until then, and cancels the task on the grid too; should it have
+          started in the meantime, its worker process is killed. ``wait()`` and ``as_completed()``
+          see a cancelled future at once.
+        * A running task stops only through :meth:`kill_running` or
+          ``shutdown(kill_running=True)``; its future then raises ``CancelledError``.
+        * A task the grid gives up on (worker lost past the retries, time limit) raises
+          ``TaskFailedError`` with the grid's reason.
+
+    At interpreter exit, work already submitted is finished first (as ``ProcessPoolExecutor``
+    does); nothing hangs once it is. Tasks outlive a crashed client on a deployed grid: record
+    :meth:`sessions` and collect their results elsewhere with :meth:`attach`.
     """
 
     def __init__(
