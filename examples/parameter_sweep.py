@@ -2,8 +2,8 @@
 
 An SIR epidemic model is simulated for every (infection rate, recovery rate) pair of a grid; each
 simulation is one call of ``peak_infected``. ``chunksize`` packs several calls into one grid task
-(fewer, bigger tasks for short calls); ``tqdm`` shows a progress bar (on stderr) over the results,
-which come back in input order. The second sweep reads its points from a generator with
+(fewer, bigger tasks for short calls); ``progress`` shows a tqdm progress bar (on stderr) over the
+results, which come back in input order. The second sweep reads its points from a generator with
 ``buffersize``: only that many tasks are in flight, so a huge or endless sweep runs in bounded
 memory.
 
@@ -12,9 +12,8 @@ memory.
 
 import itertools
 
-from tqdm import tqdm
-
 from htcgrid_executor import HTCGridExecutor
+from htcgrid_executor.progress import progress
 
 INFECTION_RATES = [0.2, 0.3, 0.4, 0.5, 0.6]  # beta, per day
 RECOVERY_RATES = [0.05, 0.1, 0.15, 0.2]  # gamma, per day
@@ -39,7 +38,7 @@ def main() -> None:
 
     with HTCGridExecutor(max_workers=2) as executor:
         results = executor.map(peak_infected, betas, gammas, chunksize=4)
-        peaks = list(tqdm(results, total=len(pairs), desc="sweep"))
+        peaks = list(progress(results, total=len(pairs), desc="sweep"))
 
         print("peak infected, % of the population")
         print("           " + "".join(f"{f'gamma={gamma}':>12}" for gamma in RECOVERY_RATES))

@@ -180,8 +180,8 @@ def test_executor_surface():
     }
     assert parameters(HTCGridExecutor.__init__) == [
         "self", "max_workers", "connector=", "config=", "mp_context=", "initializer=", "initargs=",
-        "max_tasks_per_child=", "priority=", "task_timeout_sec=", "batch_size=", "batch_window=",
-        "broken_after_sec=",
+        "max_tasks_per_child=", "priority=", "task_timeout_sec=", "retry_count=", "batch_size=",
+        "batch_window=", "broken_after_sec=",
     ]
     # the stdlib's signatures (map's buffersize as in Python 3.14)
     assert parameters(HTCGridExecutor.submit) == ["self/", "fn/", "*args", "**kwargs"]
@@ -248,6 +248,13 @@ def test_local_grid_surface():
     ]
     assert inspect.signature(LocalGrid).parameters["handler"].default == "htcgrid_executor.worker:lambda_handler"
     assert hasattr(LocalGrid, "__enter__") and hasattr(LocalGrid, "__exit__")
+
+
+def test_progress_helper():
+    from htcgrid_executor import progress
+
+    assert progress.__all__ == ["progress"]
+    assert parameters(progress.progress) == ["items", "total", "timeout=", "**tqdm_kwargs"]
 
 
 def test_worker_handler_is_lambda_style():
