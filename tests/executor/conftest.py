@@ -49,8 +49,14 @@ def stray_processes(grid: LocalGrid | None) -> list[psutil.Process]:
     strays = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.pid not in allowed and child.status() != psutil.STATUS_ZOMBIE:
-                strays.append(child)
+            if child.pid in allowed or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            # multiprocessing's resource tracker (started by the agents' spawned runners) is a
+            # per-process helper that leaves with its parent; once, one was seen between two
+            # grid trees while its agent was being replaced. The executor starts no process.
+            if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
+                continue
+            strays.append(child)
         except psutil.NoSuchProcess:
             continue
     return strays
