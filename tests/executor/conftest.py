@@ -51,9 +51,9 @@ def stray_processes(grid: LocalGrid | None) -> list[psutil.Process]:
         try:
             if child.pid in allowed or child.status() == psutil.STATUS_ZOMBIE:
                 continue
-            # multiprocessing's resource tracker (started by the agents' spawned runners) is a
-            # per-process helper that leaves with its parent; once, one was seen between two
-            # grid trees while its agent was being replaced. The executor starts no process.
+            # multiprocessing's resource tracker (agents start one for their spawned runners)
+            # leaves with its parent; once, in one run of six, one was seen outside every grid
+            # tree (cause not found). The executor itself starts no process.
             if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
                 continue
             strays.append(child)
