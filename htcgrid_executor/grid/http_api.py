@@ -284,11 +284,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client went away (or the grid is stopping): nobody to tell
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
         logger.debug("control plane: " + format, *args)
@@ -313,6 +316,10 @@ class _Server(ThreadingHTTPServer):
         self._count_lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001
+        # socketserver prints tracebacks to stderr; a library logs them instead
+        logger.debug("control plane: error while serving %s", client_address, exc_info=True)
 
     def count_request(self) -> None:
         with self._count_lock:

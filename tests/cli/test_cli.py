@@ -112,5 +112,6 @@ def test_demo_prices_the_sweep_on_an_embedded_grid():
     assert answer.returncode == 0, answer.stderr
     lines = answer.stdout.splitlines()
     assert lines[0].split()[:2] == ["strike", "vol"]
-    assert len([line for line in lines[1:] if line.strip() and line.split()[0][0].isdigit()]) == 4
+    rows = [line.split() for line in lines[1:] if len(line.split()) == 6]
+    assert [(float(r[0]), float(r[1])) for r in rows] == [(80.0, 0.10), (80.0, 0.15), (85.0, 0.10), (85.0, 0.15)]
     assert "4 options priced on the local grid" in answer.stdout
