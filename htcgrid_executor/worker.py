@@ -31,13 +31,16 @@ deployment's worker function needs nothing else.
 from __future__ import annotations
 
 import json
+import pickle
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
+
 from .errors import ConfigurationError, PayloadError, RemoteError, SignatureError
-from .payload import PAYLOAD_KEY_ENV, dumps_signed, loads_signed, signing_key_from_env
+from .payload import PAYLOAD_KEY_ENV, loads_signed, sign_bytes, signing_key_from_env
 
 __all__ = [
     "TASK_MARKER",
@@ -64,6 +67,34 @@ _FUNCTION_CACHE_SIZE = 32
 # Signed (initializer, initargs) texts whose initializer already ran in this process: an
 # initializer runs once per runner process, as ProcessPoolExecutor runs it once per worker.
 _INITIALIZED: set[str] = set()
+
+
+def dumps_signed(obj: Any, key: str) -> str:
+    """Pickle and sign ``obj``: what :func:`htcgrid_executor.payload.dumps_signed` does, faster
+    for plain data. Raises PayloadError naming the type, with the pickler's error as cause.
+
+    Arguments and results are mostly plain data, which the C pickler writes several times faster
+    than cloudpickle (pickling is most of a client's cost per call). Its output is used only when
+    cloudpickle would have written the same thing: it pickled without error (so nothing needed
+    pickling by value: no lambda, closure or dynamic class), it names nothing in ``__main__``
+    (which cloudpickle sends by value, as the worker has another ``__main__``), and no module is
+    registered with ``cloudpickle.register_pickle_by_value``. Otherwise cloudpickle does it.
+    """
+    data = None
+    if not cloudpickle.list_registry_pickle_by_value():
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # anything the C pickler refuses, cloudpickle may do by value
+            data = None
+        else:
+            if b"__main__" in data:
+                data = None
+    if data is None:
+        try:
+            data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # pickling can raise anything a __reduce__ raises
+            raise PayloadError(f"cannot pickle object of type {type(obj).__name__}: {exc}") from exc
+    return sign_bytes(data, key)
 
 
 class _RemoteTraceback(Exception):

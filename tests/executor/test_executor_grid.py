@@ -118,6 +118,37 @@ def test_a_function_is_pickled_once_per_batch_and_once_per_map(grid_executor, mo
     assert len(calls) == 1
 
 
+MAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    import executor_tasks
+    from htcgrid_executor.executor import HTCGridExecutor
+
+    class Point:  # defined in __main__: the worker has no such module, it travels by value
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    def norm(p):
+        return (p.x ** 2 + p.y ** 2) ** 0.5
+
+    if __name__ == "__main__":
+        with HTCGridExecutor(config=sys.argv[1]) as executor:
+            print(executor.submit(norm, Point(3, 4)).result(30))
+            back = executor.submit(executor_tasks.identity, Point(1, 2)).result(30)
+            print(type(back).__name__, back.x, back.y)
+            print(list(executor.map(norm, [Point(0, 1), Point(6, 8)])))
+""")
+
+
+def test_functions_and_classes_of_main_travel_by_value(grid, tmp_path):
+    config_path = grid.write_client_config(tmp_path / "client-config.json")
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT)
+    child = subprocess.run([sys.executable, str(script), str(config_path)], capture_output=True, text=True,
+                           env=child_env(), timeout=60)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.splitlines() == ["5.0", "Point 1 2", "[1.0, 10.0]"]
+
+
 # ------------------------------------------------------------------------------ workers lost
 
 
