@@ -32,6 +32,7 @@ from ..states import TaskState
 __all__ = ["StateTable", "Claim", "Event", "PREFIX", "key_for"]
 
 PREFIX = "htcgrid:"
+_STATES = {state.value: state for state in TaskState}  # a dict lookup: reads parse many events
 MAX_PRIORITY = 1_000_000
 
 
@@ -70,9 +71,12 @@ class Event:
     reason: str
 
 
-# Shared by every script: key names, the clock, and how a change is announced.
+# Shared by every script: key names, the clock, and how a change is announced. Every script
+# takes the retention period as ARGV[1] and ends with settle(): per-session counters change once
+# per script, not once per task.
 _PRELUDE = r"""
 local P = 'htcgrid:'
+local RETENTION = tonumber(ARGV[1])
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -80,40 +84,59 @@ end
 local function session_of(tid)
   return string.match(tid, '^(.+)_%d+$')
 end
-local listeners_touched = {}
+local sessions = {}  -- sid -> what this script read of the session, and its counter changes
+local function session(sid)
+  local s = sessions[sid]
+  if not s then
+    local key = P .. 'session:' .. sid
+    local v = redis.call('HMGET', key, 'listener', 'priority', 'timeout_ms', 'max_retries')
+    s = {sid = sid, key = key, listener = v[1] or '', priority = v[2] or '0', timeout = v[3] or '0',
+         max_retries = tonumber(v[4] or '5'), delta = {}}
+    sessions[sid] = s
+  end
+  return s
+end
+local function count(s, field, n)
+  s.delta[field] = (s.delta[field] or 0) + n
+end
+local listeners = {}
 -- announce a change on the session's listener stream; terminal ones on the session's stream too
-local function announce(sid, tid, state, reason, terminal, retention_ms)
-  local skey = P .. 'session:' .. sid
-  local listener = redis.call('HGET', skey, 'listener')
-  if listener and listener ~= '' then
-    local lkey = P .. 'listener:' .. listener
-    redis.call('XADD', lkey, '*', 'e', state .. ' ' .. tid .. ' ' .. reason)
-    if not listeners_touched[lkey] then
-      redis.call('PEXPIRE', lkey, retention_ms)
-      listeners_touched[lkey] = true
-    end
+local function announce(s, tid, state, reason, terminal)
+  local entry = state .. ' ' .. tid .. ' ' .. reason
+  if s.listener ~= '' then
+    local lkey = P .. 'listener:' .. s.listener
+    redis.call('XADD', lkey, '*', 'e', entry)
+    listeners[lkey] = true
   end
   if terminal then
-    redis.call('XADD', skey .. ':events', '*', 'e', state .. ' ' .. tid .. ' ' .. reason)
-    redis.call('HINCRBY', skey, state, 1)
+    redis.call('XADD', s.key .. ':events', '*', 'e', entry)
+    count(s, state, 1)
+    count(s, 'remaining', -1)
     redis.call('DEL', P .. 'task:' .. tid)
     -- data-plane keys of an ended task live for the retention period, then go
-    redis.call('PEXPIRE', tid .. '-input', retention_ms)
-    redis.call('PEXPIRE', tid .. '-output', retention_ms)
-    local count = tonumber(redis.call('HGET', skey, 'count'))
-    local ended = tonumber(redis.call('HGET', skey, 'finished') or '0')
-      + tonumber(redis.call('HGET', skey, 'failed') or '0')
-      + tonumber(redis.call('HGET', skey, 'cancelled') or '0')
-    if ended >= count then
-      redis.call('PEXPIRE', skey, retention_ms)
-      redis.call('PEXPIRE', skey .. ':events', retention_ms)
-      redis.call('PEXPIRE', sid .. '-payload', retention_ms)
-    end
+    redis.call('PEXPIRE', tid .. '-input', RETENTION)
+    redis.call('PEXPIRE', tid .. '-output', RETENTION)
   end
 end
-local function leave_processing(sid, tid)
+-- apply the counter changes; a session whose last task ended expires after the retention period
+local function settle()
+  for _, s in pairs(sessions) do
+    for field, n in pairs(s.delta) do
+      if n ~= 0 then
+        local value = redis.call('HINCRBY', s.key, field, n)
+        if field == 'remaining' and value <= 0 then
+          redis.call('PEXPIRE', s.key, RETENTION)
+          redis.call('PEXPIRE', s.key .. ':events', RETENTION)
+          redis.call('PEXPIRE', s.sid .. '-payload', RETENTION)
+        end
+      end
+    end
+  end
+  for lkey in pairs(listeners) do redis.call('PEXPIRE', lkey, RETENTION) end
+end
+local function leave_processing(s, tid)
   redis.call('ZREM', P .. 'leases', tid)
-  redis.call('HINCRBY', P .. 'session:' .. sid, 'processing', -1)
+  count(s, 'processing', -1)
 end
 local function ring_doorbell(tokens)
   local bell = P .. 'doorbell'
@@ -122,34 +145,35 @@ local function ring_doorbell(tokens)
     for i = have + 1, tokens do redis.call('LPUSH', bell, '1') end
   end
 end
+local function requeue(s, tid)  -- to the front of its queue: it has waited already
+  redis.call('LPUSH', P .. 'queue:' .. s.priority, tid)
+  redis.call('ZADD', P .. 'queues', s.priority, s.priority)
+end
 -- processing -> pending with one more retry, or failed past the limit (its worker was lost)
-local function lose(tid, reason, retention_ms)
-  local sid = session_of(tid)
+local function lose(tid, reason)
+  local s = session(session_of(tid))
   local tkey = P .. 'task:' .. tid
   local retries = tonumber(redis.call('HGET', tkey, 'retries') or '0')
-  local limit = tonumber(redis.call('HGET', P .. 'session:' .. sid, 'max_retries') or '5')
-  leave_processing(sid, tid)
-  if retries >= limit then
-    announce(sid, tid, 'failed', reason .. ' (gave up after ' .. retries .. ' retries)', true, retention_ms)
+  leave_processing(s, tid)
+  if retries >= s.max_retries then
+    announce(s, tid, 'failed', reason .. ' (gave up after ' .. retries .. ' retries)', true)
     return 'failed'
   end
   redis.call('HSET', tkey, 'state', 'pending', 'owner', 'None', 'retries', retries + 1, 'reason', reason)
-  local prio = redis.call('HGET', P .. 'session:' .. sid, 'priority') or '0'
-  redis.call('LPUSH', P .. 'queue:' .. prio, tid)  -- front of its queue: it has waited already
-  redis.call('ZADD', P .. 'queues', prio, prio)
+  requeue(s, tid)
   ring_doorbell(1)
-  announce(sid, tid, 'pending', reason, false, retention_ms)
+  announce(s, tid, 'pending', reason, false)
   return 'pending'
 end
 """
 
-# ARGV: sid, count, priority, max_retries, timeout_ms, listener, retention_ms -> 1 created, 0 existed
+# ARGV: retention, sid, count, priority, max_retries, timeout_ms, listener -> 1 created, 0 existed
 _SUBMIT = r"""
-local sid, count, prio = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local sid, count, prio = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local skey = P .. 'session:' .. sid
 if redis.call('EXISTS', skey) == 1 then return 0 end
-redis.call('HSET', skey, 'count', count, 'priority', prio, 'max_retries', ARGV[4],
-  'timeout_ms', ARGV[5], 'listener', ARGV[6], 'submitted_ms', now_ms(), 'processing', 0,
+redis.call('HSET', skey, 'count', count, 'remaining', count, 'priority', prio, 'max_retries', ARGV[5],
+  'timeout_ms', ARGV[6], 'listener', ARGV[7], 'submitted_ms', now_ms(), 'processing', 0,
   'finished', 0, 'failed', 0, 'cancelled', 0)
 local queue = P .. 'queue:' .. prio
 local batch = {}
@@ -165,9 +189,9 @@ ring_doorbell(math.min(count, 8))
 return 1
 """
 
-# ARGV: agent, max_batch, lease_ms, retention_ms -> flat list tid, timeout_ms, ...
+# ARGV: retention, agent, max_batch, lease_ms -> flat list tid, timeout_ms, ...
 _CLAIM = r"""
-local agent, max_batch, lease_ms, retention_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local agent, max_batch, lease_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local prios = redis.call('ZREVRANGE', P .. 'queues', 0, -1)
 local queued = 0
@@ -177,7 +201,7 @@ if queued == 0 then return {} end
 local agents = math.max(1, redis.call('ZCOUNT', P .. 'agents', now, '+inf'))
 local want = math.max(1, math.min(max_batch, math.floor(queued / agents)))
 local out = {}
-local sessions = {}
+local leases = {}
 for _, p in ipairs(prios) do
   local queue = P .. 'queue:' .. p
   while want > 0 do
@@ -187,18 +211,14 @@ for _, p in ipairs(prios) do
       local tkey = P .. 'task:' .. tid
       -- cancelled tasks stay in the queue (LREM is O(n)); they are skipped here
       if redis.call('HGET', tkey, 'state') == 'pending' then
-        local sid = session_of(tid)
+        local s = session(session_of(tid))
         redis.call('HSET', tkey, 'state', 'processing', 'owner', agent)
-        redis.call('ZADD', P .. 'leases', now + lease_ms, tid)
-        redis.call('HINCRBY', P .. 'session:' .. sid, 'processing', 1)
-        local timeout = sessions[sid]
-        if not timeout then
-          timeout = redis.call('HGET', P .. 'session:' .. sid, 'timeout_ms') or '0'
-          sessions[sid] = timeout
-        end
-        announce(sid, tid, 'processing', '', false, retention_ms)
+        leases[#leases + 1] = now + lease_ms
+        leases[#leases + 1] = tid
+        count(s, 'processing', 1)
+        announce(s, tid, 'processing', '', false)
         out[#out + 1] = tid
-        out[#out + 1] = timeout
+        out[#out + 1] = s.timeout
         want = want - 1
       end
     end
@@ -206,17 +226,19 @@ for _, p in ipairs(prios) do
   if redis.call('LLEN', queue) == 0 then redis.call('ZREM', P .. 'queues', p) end
   if want == 0 then break end
 end
+if #leases > 0 then redis.call('ZADD', P .. 'leases', unpack(leases)) end
 if queued > #out / 2 then ring_doorbell(1) end  -- more left: wake another idle agent
+settle()
 return out
 """
 
-# ARGV: agent, lease_ms, tid... -> tids this agent no longer owns (cancelled, expired, gone)
+# ARGV: retention, agent, lease_ms, tid... -> tids this agent no longer owns (cancelled, expired, gone)
 _HEARTBEAT = r"""
-local agent, lease_ms = ARGV[1], tonumber(ARGV[2])
+local agent, lease_ms = ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 redis.call('ZADD', P .. 'agents', now + lease_ms, agent)
 local lost = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local tid = ARGV[i]
   local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
   if t[1] == 'processing' and t[2] == agent then
@@ -228,9 +250,9 @@ end
 return lost
 """
 
-# ARGV: agent, retention_ms, tid, output, tid, output, ... -> tids accepted
+# ARGV: retention, agent, tid, output, tid, output, ... -> tids accepted
 _COMPLETE = r"""
-local agent, retention_ms = ARGV[1], tonumber(ARGV[2])
+local agent = ARGV[2]
 local done = {}
 for i = 3, #ARGV, 2 do
   local tid = ARGV[i]
@@ -238,42 +260,42 @@ for i = 3, #ARGV, 2 do
   -- only the owner of a task still processing may finish it: a worker that lost its lease
   -- (and whose task now runs elsewhere) or a cancelled task cannot write an output
   if t[1] == 'processing' and t[2] == agent then
-    local sid = session_of(tid)
+    local s = session(session_of(tid))
     redis.call('SET', tid .. '-output', ARGV[i + 1])
-    leave_processing(sid, tid)
-    announce(sid, tid, 'finished', '', true, retention_ms)
+    leave_processing(s, tid)
+    announce(s, tid, 'finished', '', true)
     done[#done + 1] = tid
   end
 end
+settle()
 return done
 """
 
-# ARGV: agent, retention_ms, tid... -> number released (claimed but never started: back to the front)
+# ARGV: retention, agent, tid... -> number released (claimed but never started: back to the front)
 _RELEASE = r"""
-local agent, retention_ms = ARGV[1], tonumber(ARGV[2])
+local agent = ARGV[2]
 local n = 0
 for i = #ARGV, 3, -1 do
   local tid = ARGV[i]
   local tkey = P .. 'task:' .. tid
   local t = redis.call('HMGET', tkey, 'state', 'owner')
   if t[1] == 'processing' and t[2] == agent then
-    local sid = session_of(tid)
-    leave_processing(sid, tid)
+    local s = session(session_of(tid))
+    leave_processing(s, tid)
     redis.call('HSET', tkey, 'state', 'pending', 'owner', 'None')
-    local prio = redis.call('HGET', P .. 'session:' .. sid, 'priority') or '0'
-    redis.call('LPUSH', P .. 'queue:' .. prio, tid)
-    redis.call('ZADD', P .. 'queues', prio, prio)
-    announce(sid, tid, 'pending', 'released', false, retention_ms)
+    requeue(s, tid)
+    announce(s, tid, 'pending', 'released', false)
     n = n + 1
   end
 end
 if n > 0 then ring_doorbell(1) end
+settle()
 return n
 """
 
-# ARGV: agent ('' = TTL checker: only if the lease expired), retention_ms, reason, tid -> new state or ''
+# ARGV: retention, agent ('' = TTL checker: only if the lease expired), reason, tid -> new state or ''
 _EXPIRE = r"""
-local agent, retention_ms, reason, tid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local agent, reason, tid = ARGV[2], ARGV[3], ARGV[4]
 local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
 if t[1] ~= 'processing' then redis.call('ZREM', P .. 'leases', tid); return '' end
 if agent == '' then
@@ -282,54 +304,61 @@ if agent == '' then
 elseif t[2] ~= agent then
   return ''
 end
-return lose(tid, reason, retention_ms)
+local state = lose(tid, reason)
+settle()
+return state
 """
 
-# ARGV: retention_ms, limit -> number of tasks whose lease had expired
+# ARGV: retention, limit -> number of tasks whose lease had expired
 _EXPIRE_DUE = r"""
-local retention_ms, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local limit = tonumber(ARGV[2])
 local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, limit)
 for _, tid in ipairs(due) do
   local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
   if t[1] == 'processing' then
-    lose(tid, 'worker ' .. (t[2] or '?') .. ' stopped heart-beating', retention_ms)
+    lose(tid, 'worker ' .. (t[2] or '?') .. ' stopped heart-beating')
   else
     redis.call('ZREM', P .. 'leases', tid)
   end
 end
+settle()
 return #due
 """
 
-# ARGV: agent, retention_ms, reason, tid -> 1 if failed
+# ARGV: retention, agent, reason, tid -> 1 if failed
 _TIME_OUT = r"""
-local agent, retention_ms, reason, tid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local agent, reason, tid = ARGV[2], ARGV[3], ARGV[4]
 local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
 if t[1] ~= 'processing' or t[2] ~= agent then return 0 end
-local sid = session_of(tid)
-leave_processing(sid, tid)
-announce(sid, tid, 'failed', reason, true, retention_ms)
+local s = session(session_of(tid))
+leave_processing(s, tid)
+announce(s, tid, 'failed', reason, true)
+settle()
 return 1
 """
 
-# ARGV: retention_ms, mode ('sessions' | 'tasks'), id... -> flat list: per id [pending, processing]
+# ARGV: retention, mode ('sessions' | 'tasks'), id... -> flat list: per id [pending, processing]
 _CANCEL = r"""
-local retention_ms, mode = tonumber(ARGV[1]), ARGV[2]
+local mode = ARGV[2]
 local function cancel_one(sid, tid, counts)
   local tkey = P .. 'task:' .. tid
   local t = redis.call('HMGET', tkey, 'state', 'owner')
+  local s
   if t[1] == 'pending' then
+    s = session(sid)
     counts[1] = counts[1] + 1
   elseif t[1] == 'processing' then
+    s = session(sid)
     counts[2] = counts[2] + 1
-    leave_processing(sid, tid)
+    leave_processing(s, tid)
     -- tell the agent running it, which BLPOPs this list, to stop the user code now
     local ckey = P .. 'agent:' .. t[2] .. ':cancelled'
     redis.call('RPUSH', ckey, tid)
-    redis.call('PEXPIRE', ckey, retention_ms)
+    redis.call('PEXPIRE', ckey, RETENTION)
   else
     return
   end
-  announce(sid, tid, 'cancelled', 'cancelled', true, retention_ms)
+  announce(s, tid, 'cancelled', 'cancelled', true)
 end
 local out = {}
 if mode == 'sessions' then
@@ -349,6 +378,7 @@ else
   end
   out = counts
 end
+settle()
 return out
 """
 
@@ -373,7 +403,7 @@ class StateTable:
         }
 
     def _run(self, name: str, *args: Any) -> Any:
-        return self._scripts[name](args=list(args))
+        return self._scripts[name](args=[self.retention_ms, *args])
 
     # -- submit -------------------------------------------------------------------------------
     def submit(self, session_id: str, count: int, *, priority: int = 0, max_retries: int = 5,
@@ -383,15 +413,14 @@ class StateTable:
         Returns False (and changes nothing) when the session exists already: a repeated submit
         is a no-op, so a retried request never runs work twice.
         """
-        return bool(self._run("submit", session_id, count, priority, max_retries, timeout_ms,
-                              listener, self.retention_ms))
+        return bool(self._run("submit", session_id, count, priority, max_retries, timeout_ms, listener))
 
     # -- agents -------------------------------------------------------------------------------
     def claim(self, agent: str, max_batch: int, lease_ms: int) -> list[Claim]:
         """Take up to ``max_batch`` pending tasks, highest priority first; fewer when the queue
         is shallow, so that live agents share it. The tasks are now ``processing``, owned by
         ``agent``, with a lease of ``lease_ms``."""
-        flat = self._run("claim", agent, max_batch, lease_ms, self.retention_ms)
+        flat = self._run("claim", agent, max_batch, lease_ms)
         return [Claim(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def heartbeat(self, agent: str, task_ids: list[str], lease_ms: int) -> list[str]:
@@ -402,7 +431,7 @@ class StateTable:
     def complete(self, agent: str, outputs: dict[str, bytes]) -> list[str]:
         """Write each output and finish the task, only where ``agent`` still owns it.
         Returns the task ids that were finished."""
-        args: list[Any] = [agent, self.retention_ms]
+        args: list[Any] = [agent]
         for task_id, output in outputs.items():
             args += [task_id, output]
         return [t.decode() for t in self._run("complete", *args)]
@@ -411,16 +440,16 @@ class StateTable:
         """Give claimed, never-started tasks back to the front of their queue (no retry counted)."""
         if not task_ids:
             return 0
-        return int(self._run("release", agent, self.retention_ms, *task_ids))
+        return int(self._run("release", agent, *task_ids))
 
     def lose(self, agent: str, task_id: str, reason: str) -> TaskState | None:
         """The agent's runner died while running ``task_id``: retry it or fail it past the limit."""
-        state = self._run("expire", agent, self.retention_ms, reason, task_id)
+        state = self._run("expire", agent, reason, task_id)
         return TaskState(state.decode()) if state else None
 
     def time_out(self, agent: str, task_id: str, reason: str) -> bool:
         """Fail a task that ran over its time limit (not retried)."""
-        return bool(self._run("time_out", agent, self.retention_ms, reason, task_id))
+        return bool(self._run("time_out", agent, reason, task_id))
 
     def unregister(self, agent: str) -> None:
         self.redis.zrem(key_for("agents"), agent)
@@ -428,14 +457,14 @@ class StateTable:
     # -- TTL checker ----------------------------------------------------------------------------
     def expire_due(self, limit: int = 1000) -> int:
         """Retry (or fail, past the limit) every task whose heartbeat lease has expired."""
-        return int(self._run("expire_due", self.retention_ms, limit))
+        return int(self._run("expire_due", limit))
 
     # -- cancel -------------------------------------------------------------------------------
     def cancel_sessions(self, session_ids: list[str]) -> dict[str, dict[str, int]]:
         """Cancel every pending and processing task of each session (seed's answer shape)."""
         if not session_ids:
             return {}
-        flat = self._run("cancel", self.retention_ms, "sessions", *session_ids)
+        flat = self._run("cancel", "sessions", *session_ids)
         return {
             sid: _counts(int(flat[2 * i]), int(flat[2 * i + 1])) for i, sid in enumerate(session_ids)
         }
@@ -443,7 +472,7 @@ class StateTable:
     def cancel_tasks(self, task_ids: list[str]) -> dict[str, int]:
         if not task_ids:
             return _counts(0, 0)
-        pending, processing = self._run("cancel", self.retention_ms, "tasks", *task_ids)
+        pending, processing = self._run("cancel", "tasks", *task_ids)
         return _counts(int(pending), int(processing))
 
     # -- reads ----------------------------------------------------------------------------------
@@ -485,7 +514,7 @@ class StateTable:
         events = []
         for eid, fields in entries:
             state, task_id, reason = fields[b"e"].decode().split(" ", 2)
-            events.append(Event(cursor=eid.decode(), task_id=task_id, state=TaskState(state), reason=reason))
+            events.append(Event(eid.decode(), task_id, _STATES[state], reason))
         return events
 
     def trim_listener(self, listener: str, before: str) -> None:
