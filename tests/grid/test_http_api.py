@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import requests
-from conftest import GridClient
+from grid_client import GridClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

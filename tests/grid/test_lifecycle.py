@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from conftest import FAST, GridClient, wait_for
+from grid_client import FAST, GridClient, wait_for
 
 from htcgrid_executor import wire
 from htcgrid_executor.grid import LocalGrid
