@@ -23,7 +23,13 @@ import weakref
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
-from .errors import BrokenGridExecutor, ControlPlaneError, GridUnavailableError, TaskFailedError
+from .errors import (
+    BadRequestError,
+    BrokenGridExecutor,
+    ControlPlaneError,
+    GridUnavailableError,
+    TaskFailedError,
+)
 from .wire import new_session_id, task_ids_for
 from .worker import decode_output
 
@@ -218,7 +224,10 @@ class _Core:
         with self.lock:
             for record in records:
                 sid, task_ids = record["session_id"], list(record["task_ids"])
-                response = {"session_id": sid, "task_ids": task_ids, "listener": record.get("listener")}
+                # polled session by session, not through the record's listener: the grid trims a
+                # listener's stream as its client reads it, so what the dead client had read is
+                # gone there; a session's own events stay, and an unknown session answers 404
+                response = {"session_id": sid, "task_ids": task_ids, "listener": None}
                 self.sessions[sid] = _Session(response, len(task_ids), sent=True)
                 for tid in task_ids:
                     # raw: whether a task was ours or a plain dict, its output tells
@@ -447,7 +456,7 @@ class _Core:
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below: retry, or fail the batch
                 if not _retryable(exc) or self.broken is not None:
-                    self._drop_session(batch, session, exc)
+                    self._drop_session(batch, session.response, exc)
                     return
                 # the streak began when the first failed call began: its own retries count too
                 first_failure = first_failure or attempt_started
@@ -470,13 +479,18 @@ class _Core:
             session.sent = True
         self.poller_event.set()
 
-    def _drop_session(self, batch: list[_Call], session: _Session, exc: BaseException) -> None:
+    def _calls_of(self, response: dict[str, Any]) -> list[_Call]:
         with self.lock:
-            self.sessions.pop(session.response["session_id"], None)
+            return [call for tid in response["task_ids"] if (call := self.tasks.get(tid)) is not None]
+
+    def _drop_session(self, batch: list[_Call], response: dict[str, Any], exc: BaseException) -> None:
+        """Give up on a session: its calls' futures fail with ``exc``."""
+        with self.lock:
+            self.sessions.pop(response["session_id"], None)
             for call in batch:
-                if call.task_id is not None:
-                    self.tasks.pop(call.task_id, None)
-        logger.debug("session %s not sent: %s", session.response["session_id"], exc)
+                if call.task_id is not None and self.tasks.get(call.task_id) is call:
+                    del self.tasks[call.task_id]
+        logger.debug("session %s dropped: %s", response["session_id"], exc)
 
         def factory() -> BaseException:
             return exc  # the same exception object for the batch: it came from one send()
@@ -546,21 +560,31 @@ class _Core:
             changed = False
             extensions = True
             long_polled = False
+            requests = 0
             attempt_started = time.monotonic()
             try:
                 single = len(groups) == 1
                 for lid, sessions in groups.items():
-                    if lid is None:  # sessions sent without a listener (attached): one by one
+                    if lid is None:  # attached sessions: one by one
+                        requests += len(sessions)
                         for response in sessions:
                             key = "session:" + response["session_id"]
                             wait = _LONG_POLL_SEC if single and len(sessions) == 1 else 0.0
-                            batch = self.connector.poll_session(response["session_id"], after=cursors.get(key),
-                                                                wait_sec=wait)
+                            try:
+                                batch = self.connector.poll_session(response["session_id"],
+                                                                    after=cursors.get(key), wait_sec=wait)
+                            except BadRequestError as exc:
+                                # an answer, not an outage: the grid does not know the session
+                                # (never submitted, or expired): its futures fail with that
+                                self._drop_session(self._calls_of(response), response, exc)
+                                changed = True
+                                continue
                             changed = self.apply(batch) or changed
                             cursors[key] = batch.cursor  # after apply: a failed apply is polled again
                             extensions = extensions and batch.extensions
                             long_polled = long_polled or wait > 0
                     else:
+                        requests += 1
                         wait = _LONG_POLL_SEC if single else 0.0
                         batch = self.connector.poll_listener(lid, sessions, cursors.get(lid), wait_sec=wait)
                         changed = self.apply(batch) or changed
@@ -585,7 +609,8 @@ class _Core:
                 # answers at once): poll at an interval that backs off while nothing changes
                 self.poller_event.wait(interval)
                 self.poller_event.clear()
-                interval = min(interval * 2, pull_interval)
+                # many sessions polled one by one: fewer rounds, at most ~50 requests/s when idle
+                interval = min(interval * 2, max(pull_interval, min(2.0, 0.02 * requests)))
 
 
 def _retryable(exc: BaseException) -> bool:

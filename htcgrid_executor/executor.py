@@ -346,8 +346,12 @@ class HTCGridExecutor(Executor):
 
         ``sessions``: records from :meth:`sessions` (or ``send()`` answers). Returns one Future per
         task, in order; a ``submit`` task resolves to its call's result, a ``map`` task to the
-        list of its chunk's results, a raw task to its decoded output. Collected sessions' data is
-        deleted from the grid, as the original client would have done.
+        list of its chunk's results, a raw task to its decoded output. Sessions are polled one by
+        one (not through the dead client's listener, whose stream the grid trims as it is read).
+        A session the grid does not know fails its futures at once with ``BadRequestError``; one
+        the first client had fully collected had its data deleted, so its futures raise
+        ``TaskFailedError`` (output missing). Collected sessions' data is deleted from the grid,
+        as the original client would have done.
         """
         if connector is None and config is None:
             raise ValueError("attach needs the grid the sessions were sent to: pass connector= or config=")

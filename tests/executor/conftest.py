@@ -41,9 +41,10 @@ def grid_tree(grid: LocalGrid) -> set[int]:
     return pids
 
 
-def stray_processes(grid: LocalGrid | None) -> list[psutil.Process]:
-    """Live child processes of this test process that belong to no fixture grid (nor ``grid``)."""
-    allowed: set[int] = set()
+def stray_processes(grid: LocalGrid | None, before: set[int] = frozenset()) -> list[psutil.Process]:
+    """Live child processes of this test process that belong to no fixture grid (nor ``grid``)
+    and were not there ``before`` (other suites' session fixtures may hold processes)."""
+    allowed: set[int] = set(before)
     for fixture in {id(g): g for g in [*FIXTURE_GRIDS, *([grid] if grid else [])]}.values():
         allowed |= grid_tree(fixture)
     strays = []
@@ -62,12 +63,23 @@ def stray_processes(grid: LocalGrid | None) -> list[psutil.Process]:
     return strays
 
 
-def assert_nothing_left(grid: LocalGrid | None, timeout: float = 15.0) -> None:
+def assert_no_executor_threads(timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (executor_threads() or stray_processes(grid)):
+    while time.monotonic() < deadline and executor_threads():
         time.sleep(0.05)
     assert executor_threads() == [], f"executor threads left: {executor_threads()}"
-    strays = stray_processes(grid)
+
+
+def child_pids() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def assert_nothing_left(grid: LocalGrid | None, timeout: float = 15.0, before: set[int] = frozenset()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (executor_threads() or stray_processes(grid, before)):
+        time.sleep(0.05)
+    assert executor_threads() == [], f"executor threads left: {executor_threads()}"
+    strays = stray_processes(grid, before)
     assert strays == [], f"processes left: {[(p.pid, p.cmdline()) for p in strays]}"
 
 
@@ -91,14 +103,15 @@ def grid() -> Iterator[LocalGrid]:
     """One local grid for the whole session: 2 agents; a lost task is retried twice; agents claim
     one task at a time, so that a task the grid reports processing is the one its agent runs (as
     a process pool's running futures are), which the cancellation tests rely on."""
+    before = child_pids()
     with fixture_grid(workers=WORKERS, retry_limit=2, claim_batch=1) as local_grid:
         _session_grid.append(local_grid)
         yield local_grid
         _session_grid.clear()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and stray_processes(None):
+    while time.monotonic() < deadline and stray_processes(None, before):
         time.sleep(0.05)
-    assert stray_processes(None) == []
+    assert stray_processes(None, before) == []
     assert [t for t in threading.enumerate() if t.name.startswith("htcgrid-") and t.name != "htcgrid-spawner"] == []
 
 
@@ -109,8 +122,9 @@ def running_grid() -> LocalGrid | None:
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
     """Every test ends with no executor thread and no child process beyond the session grid's."""
+    before = child_pids()
     yield
-    assert_nothing_left(running_grid())
+    assert_nothing_left(running_grid(), before=before)
 
 
 @pytest.fixture(params=["process", "htcgrid"])

@@ -18,7 +18,7 @@ from concurrent.futures import CancelledError, wait
 
 import psutil
 import pytest
-from conftest import assert_nothing_left, fixture_grid, running_grid
+from conftest import assert_no_executor_threads, fixture_grid, running_grid
 from executor_tasks import (
     exit_process,
     failing_initializer,
@@ -37,6 +37,7 @@ from executor_tasks import (
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector
 from htcgrid_executor.errors import (
+    BadRequestError,
     BrokenGridExecutor,
     ConfigurationError,
     PayloadError,
@@ -378,16 +379,19 @@ def test_collected_sessions_are_deleted_from_the_data_plane(grid):
 
 
 CRASHING_CLIENT = textwrap.dedent("""
-    import json, os, signal, sys
-    from executor_tasks import wait_for_file_then_return
+    import json, os, signal, sys, time
+    from executor_tasks import square, wait_for_file_then_return
     from htcgrid_executor.executor import HTCGridExecutor
 
     config, go = sys.argv[1], sys.argv[2]
     executor = HTCGridExecutor(config=config)
+    quick = [executor.submit(square, i) for i in range(20)]
     futures = [executor.submit(wait_for_file_then_return, go, i) for i in range(5)]
     results = executor.map(wait_for_file_then_return, [go] * 4, range(100, 104), chunksize=2)
     print(json.dumps(executor.sessions()), flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # a crash: no shutdown, nothing collected
+    assert [f.result(30) for f in quick] == [i * i for i in range(20)]  # read before the crash
+    time.sleep(0.3)  # the poller has moved its cursor past them (the grid trims what was read)
+    os.kill(os.getpid(), signal.SIGKILL)  # a crash: no shutdown, nothing else collected
 """)
 
 
@@ -398,16 +402,23 @@ def test_attach_collects_the_results_of_a_crashed_client(grid, tmp_path):
                             capture_output=True, text=True, env=child_env(), timeout=60)
     assert client.returncode == -signal.SIGKILL, client.stderr
     records = json.loads(client.stdout)
-    assert sum(len(r["task_ids"]) for r in records) == 7
+    assert sum(len(r["task_ids"]) for r in records) == 27
     go.write_text("go")
     futures = HTCGridExecutor.attach(json.loads(json.dumps(records)), config=str(config_path))
-    results = [f.result(timeout=T) for f in futures]
-    assert sorted(results[:5] if isinstance(results[0], int) else results[2:], key=str) == [0, 1, 2, 3, 4]
-    assert [100, 101] in results and [102, 103] in results
-    assert_nothing_left(grid)  # the attach executor's threads stopped by themselves
+    results = [f.result(timeout=T) for f in futures]  # in the order of the records' tasks
+    assert results == [i * i for i in range(20)] + [0, 1, 2, 3, 4, [100, 101], [102, 103]]
+    assert_no_executor_threads()  # the attach executor's threads stopped by themselves
     task_ids = [tid for r in records for tid in r["task_ids"]]
     with AWSConnector(grid.client_config) as connector:
         assert connector.store.get_many([wire.input_key(t) for t in task_ids]) == [None] * len(task_ids)
+
+
+def test_attach_to_an_unknown_session_fails_at_once(grid):
+    record = {"session_id": "no-such-session", "task_ids": ["no-such-session_0"], "listener": "x"}
+    (future,) = HTCGridExecutor.attach([record], config=grid.client_config, broken_after_sec=30)
+    exc = future.exception(timeout=5)  # a 404 is an answer, not an outage: no deadline to wait for
+    assert isinstance(exc, BadRequestError) and "unknown session" in str(exc)
+    assert_no_executor_threads(timeout=5)
 
 
 def test_attach_to_sessions_sent_by_the_plain_connector(grid):
@@ -420,7 +431,7 @@ def test_attach_to_sessions_sent_by_the_plain_connector(grid):
                    for n in (3, 2)]
         futures = HTCGridExecutor.attach(answers, connector=connector)
         assert [f.result(timeout=T) for f in futures] == [0, 1, 4, 0, 1]
-        assert_nothing_left(grid, timeout=5)
+        assert_no_executor_threads(timeout=5)
 
 
 def test_shutdown_with_wait_from_a_done_callback_does_not_deadlock(grid):
@@ -485,7 +496,7 @@ def test_an_executor_dropped_without_shutdown_winds_down(grid):
     del executor
     gc.collect()
     assert future.result(timeout=T) == "kept"
-    assert_nothing_left(grid, timeout=5)
+    assert_no_executor_threads(timeout=5)
 
 
 EXITING_SCRIPT = textwrap.dedent("""
