@@ -1,4 +1,8 @@
-"""HTTP to the grid's control plane: one pooled ``requests.Session``, timeouts, retries, error mapping.
+"""HTTP to the grid's control plane: one urllib3 connection pool, timeouts, retries, error mapping.
+
+urllib3 rather than ``requests``: a call through ``requests.Session`` costs about twice as much
+client time (~0.6 ms against ~0.3 ms on loopback), and a single-task round trip makes two or
+three calls. Proxies from the environment are honoured, except for loopback URLs.
 
 Every route of HTC-Grid takes its input in the query string and answers JSON. This layer knows
 nothing about routes' meaning; the caller says whether a call is safe to repeat.
@@ -28,11 +32,18 @@ import json
 import logging
 import random
 import time
+import urllib.request
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
 from ..errors import AuthenticationError, BadRequestError, ControlPlaneError, GridUnavailableError
 from .auth import Auth
@@ -47,9 +58,8 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MAX_MESSAGE = 1000
 
 
-def server_message(response: requests.Response) -> str:
+def server_message(status: int, text: str, reason: str = "") -> str:
     """The server's own explanation of an error answer, without tracebacks or HTML noise."""
-    text = response.text or ""
     try:
         body = json.loads(text)
     except ValueError:
@@ -64,7 +74,7 @@ def server_message(response: requests.Response) -> str:
         text = body
     text = text.strip()
     if not text:
-        text = response.reason or "no message"
+        text = reason or f"HTTP {status}"
     if len(text) > _MAX_MESSAGE:
         text = text[:_MAX_MESSAGE] + "..."
     return text
@@ -78,6 +88,24 @@ def _is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _pool_for(base_url: str, pool_size: int) -> urllib3.PoolManager:
+    """A pool to ``base_url``: through the environment's proxy if it names one for that host
+    (never for loopback: a local grid must not be captured by HTTP(S)_PROXY)."""
+    kwargs: dict[str, Any] = {"maxsize": pool_size, "retries": False}
+    try:
+        import certifi  # requests' CA bundle, which users of the public client rely on
+
+        kwargs["ca_certs"] = certifi.where()
+    except ImportError:  # pragma: no cover - the system's CAs then
+        pass
+    parts = urlsplit(base_url)
+    if not _is_loopback(base_url) and not urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy:
+            return urllib3.ProxyManager(proxy, **kwargs)
+    return urllib3.PoolManager(**kwargs)
 
 
 class HTTPTransport:
@@ -108,13 +136,7 @@ class HTTPTransport:
         self.max_attempts = max(1, max_attempts)
         self.backoff_sec = backoff_sec
         self.max_backoff_sec = max_backoff_sec
-        self._session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        if _is_loopback(self.base_url):
-            # A local grid: an HTTP(S)_PROXY from the environment must not capture loopback calls.
-            self._session.trust_env = False
+        self._pool = _pool_for(self.base_url, pool_size)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -123,7 +145,7 @@ class HTTPTransport:
     def close(self) -> None:
         """Close the pooled connections. Repeatable."""
         self._closed = True
-        self._session.close()
+        self._pool.clear()
 
     def _sleep_before_retry(self, attempt: int, why: str, method: str, route: str) -> None:
         delay = min(self.max_backoff_sec, self.backoff_sec * (2 ** (attempt - 1)))
@@ -148,8 +170,9 @@ class HTTPTransport:
         """
         if self._closed:
             raise GridUnavailableError("connector is closed")
-        url = f"{self.base_url}{route}"
-        timeout = (self.connect_timeout_sec, self.read_timeout_sec + max(0.0, extra_read_timeout_sec))
+        url = f"{self.base_url}{route}?{urlencode(params)}"
+        timeout = urllib3.Timeout(connect=self.connect_timeout_sec,
+                                  read=self.read_timeout_sec + max(0.0, extra_read_timeout_sec))
         attempt = 0
         renewed = False
         while True:
@@ -157,39 +180,40 @@ class HTTPTransport:
             headers = self.auth.headers()  # raises AuthenticationError before authenticate()
             started = time.monotonic()
             try:
-                response = self._session.request(method, url, params=params, headers=headers, timeout=timeout)
-            except requests.exceptions.ConnectTimeout as exc:
-                # nothing was sent: safe to repeat for every call
+                response = self._pool.request(method, url, headers=headers, timeout=timeout)
+            except (ConnectTimeoutError, NewConnectionError) as exc:
+                # no connection was made, so nothing was sent: safe to repeat for every call
+                # (ConnectTimeoutError first: NewConnectionError is one of its subclasses)
                 if attempt < self.max_attempts:
-                    self._sleep_before_retry(attempt, "connect timeout", method, route)
+                    self._sleep_before_retry(attempt, "cannot connect", method, route)
                     continue
                 raise GridUnavailableError(f"{method} {route}: cannot reach the grid at {self.base_url}: {exc}") from exc
-            except requests.exceptions.ReadTimeout as exc:
+            except ReadTimeoutError as exc:
                 if retry and attempt < self.max_attempts:
                     self._sleep_before_retry(attempt, "read timeout", method, route)
                     continue
                 raise GridUnavailableError(
-                    f"{method} {route}: the grid at {self.base_url} did not answer within {timeout[1]:.0f} s"
+                    f"{method} {route}: the grid at {self.base_url} did not answer within {timeout.read_timeout:.0f} s"
                 ) from exc
-            except requests.exceptions.ConnectionError as exc:
-                # Refused or reset: a refused connection sent nothing; a reset one might have, so
-                # only calls safe to repeat are retried.
-                if (retry or _refused(exc)) and attempt < self.max_attempts:
+            except ProtocolError as exc:
+                # reset or closed mid-call: the request may have arrived, so only calls safe to
+                # repeat are retried
+                if retry and attempt < self.max_attempts:
                     self._sleep_before_retry(attempt, "connection error", method, route)
                     continue
                 raise GridUnavailableError(f"{method} {route}: cannot reach the grid at {self.base_url}: {exc}") from exc
-            except requests.exceptions.RequestException as exc:
+            except HTTPError as exc:
                 raise GridUnavailableError(f"{method} {route}: request to {self.base_url} failed: {exc}") from exc
 
-            status = response.status_code
+            status = response.status
             logger.debug("%s %s -> %d in %.1f ms", method, route, status,
                          (time.monotonic() - started) * 1000)
             if 200 <= status < 300:
                 try:
-                    return response.json()
+                    return json.loads(response.data)
                 except ValueError as exc:
                     raise ControlPlaneError(f"{method} {route}: the grid's answer is not JSON", status) from exc
-            message = server_message(response)
+            message = server_message(status, response.data.decode("utf-8", "replace"), response.reason or "")
             if status in (401, 403):
                 if not renewed and self.auth.on_rejected():
                     renewed = True  # one more try with new credentials; does not count as a retry
@@ -202,14 +226,3 @@ class HTTPTransport:
             if 400 <= status < 500 and status != 429:
                 raise BadRequestError(f"{method} {route}: {message}", status)
             raise ControlPlaneError(f"{method} {route}: {message}", status)
-
-
-def _refused(exc: requests.exceptions.ConnectionError) -> bool:
-    """True when no connection could be made (refused, no route, DNS): the request never left
-    this machine, so repeating it cannot run anything twice."""
-    from urllib3.exceptions import MaxRetryError, NewConnectionError
-
-    reason = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    return isinstance(reason, NewConnectionError)  # DNS failures are a subclass in urllib3 2
