@@ -236,11 +236,13 @@ class Agent:
         """Run a batch in the runner, completing outputs as they come back (in groups, but
         never later than a few milliseconds after they are ready)."""
         with self._lock:
-            if self._runner is None:
-                self._runner = _Runner(self.settings)
-            runner = self._runner
+            runner = self._fresh_runner()
+            try:
+                runner.start_batch(items)
+            except OSError:  # it died between the check and the send: nothing started, no charge
+                runner = self._fresh_runner()
+                runner.start_batch(items)
             # cancelled while queued in this agent: give the runner a skip flag, not the work
-            runner.start_batch(items)
             for index, (task_id, _, _) in enumerate(items):
                 if task_id in self._lost:
                     runner.skip[index] = 1
@@ -287,6 +289,19 @@ class Agent:
             with self._lock:
                 self._runner = None
             runner.stop()
+
+    def _fresh_runner(self) -> _Runner:
+        """The runner, replaced first if it died while idle (killed by an operator or the OOM
+        killer between tasks): no task was running, so no task is charged for it. Lock held."""
+        runner = self._runner
+        if runner is not None and runner.process.is_alive():
+            return runner
+        if runner is not None:
+            logger.warning("agent %s: idle runner died (%s); starting another", self.agent_id,
+                           describe_exit(runner.process.exitcode))
+            runner.conn.close()
+        self._runner = _Runner(self.settings)
+        return self._runner
 
     def _after_runner_stopped(self, runner: _Runner, items: list[tuple[str, bytes, int]],
                               limits: list[int], why: str) -> None:

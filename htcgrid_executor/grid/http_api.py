@@ -85,10 +85,15 @@ def _cursor_param(params: dict[str, list[str]], name: str) -> str | None:
 
 
 class _Routes:
-    """What each route does, apart from HTTP. Raises _Reject for a bad request."""
+    """What each route does, apart from HTTP. Raises _Reject for a bad request.
 
-    def __init__(self, table: StateTable) -> None:
+    ``retry_limit``: the most retries this grid gives a lost task; a submission's
+    ``retry_count`` may ask for fewer, not more.
+    """
+
+    def __init__(self, table: StateTable, retry_limit: int = MAX_RETRIES) -> None:
         self.table = table
+        self.retry_limit = retry_limit
 
     # POST /submit?submission_content=<session id>
     def submit(self, content: str, params: dict[str, list[str]]) -> dict[str, Any]:
@@ -131,7 +136,7 @@ class _Routes:
             raise _Reject(400, f"context.tasks_priority must be an integer within ±{MAX_PRIORITY}")
         if listener and not is_valid_session_id(listener):
             raise _Reject(400, "context.listener must be an id of letters, digits and '-'")
-        self.table.submit(sid, len(tasks), priority=priority, max_retries=retries,
+        self.table.submit(sid, len(tasks), priority=priority, max_retries=min(retries, self.retry_limit),
                           timeout_ms=int(timeout * 1000), listener=listener)
         return {"session_id": sid, "task_ids": expected}
 
@@ -359,8 +364,9 @@ class _Server(ThreadingHTTPServer):
 class ControlPlaneServer:
     """The HTTP API in a thread. ``port=0`` picks a free port; :attr:`url` says where it is."""
 
-    def __init__(self, table: StateTable, api_key: str, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = _Server((host, port), _Routes(table), api_key)
+    def __init__(self, table: StateTable, api_key: str, *, host: str = "127.0.0.1", port: int = 0,
+                 retry_limit: int = MAX_RETRIES) -> None:
+        self._server = _Server((host, port), _Routes(table, retry_limit), api_key)
         self._thread = threading.Thread(target=self._server.serve_forever, name="htcgrid-http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
 

@@ -81,8 +81,8 @@ class LocalGrid:
     (and the grid's own Redis) listen: loopback by default; binding elsewhere lets agents and
     clients on other machines join, still behind the api key and the Redis password.
     ``heartbeat_sec``/``lease_sec``: how often agents heart-beat, and how long a silent agent
-    keeps its tasks before the TTL checker retries them. ``retry_limit``: retries before a lost
-    task fails (a submission's ``retry_count`` overrides it). ``max_tasks_per_child``: tasks a
+    keeps its tasks before the TTL checker retries them. ``retry_limit``: the most retries a lost task
+    gets before it fails (a submission's ``retry_count`` may ask for fewer). ``max_tasks_per_child``: tasks a
     runner process runs before it is replaced. ``env``: extra environment for the agents.
     ``retention_sec``: how long an ended session's keys are kept.
     """
@@ -186,7 +186,8 @@ class LocalGrid:
                 self.redis = self.redis_server.client(socket_timeout=30)
             self._save_credentials()
             self.table = StateTable(self.redis, retention_sec=self.retention_sec)
-            self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port).start()
+            self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port,
+                                            retry_limit=self.retry_limit).start()
             self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec).start()
             self.add_agents(self.workers)
             self._supervisor = threading.Thread(target=self._supervise, name="htcgrid-supervisor",
@@ -232,7 +233,8 @@ class LocalGrid:
         self._http = None
         if down_sec:
             self._stopping.wait(down_sec)
-        self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=port).start()
+        self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=port,
+                                        retry_limit=self.retry_limit).start()
 
     def restart_redis(self) -> None:
         """Restart the grid's own Redis on the same port and socket (a fault drill). With a

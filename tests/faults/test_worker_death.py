@@ -129,8 +129,6 @@ def test_the_default_retry_limit_is_five(make_grid, make_executor, tmp_path, fig
     figures["tasks_run"] += 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: LocalGrid(retry_limit=...) is stored but never used; "
-                                       "every session gets the submission's retry_count (5)")
 @pytest.mark.timeout(60)
 def test_the_grids_retry_limit_bounds_retries_of_lost_tasks(make_grid, make_executor, tmp_path):
     grid = make_grid(workers=1, retry_limit=1)
@@ -141,8 +139,6 @@ def test_the_grids_retry_limit_bounds_retries_of_lost_tasks(make_grid, make_exec
     assert len(log.read_text().split()) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Agent._run_in_runner sends the next batch to a dead "
-                                       "runner outside its try: BrokenPipeError kills the agent")
 @pytest.mark.timeout(60)
 def test_an_agent_survives_the_death_of_its_idle_runner(make_grid, make_executor, tmp_path, figures):
     """A runner killed between tasks (the OOM killer, an operator) is replaced by its agent; the
