@@ -25,7 +25,7 @@ class Killer(threading.Thread):
     bad luck, while every process that has settled into the run is fair game.
     """
 
-    def __init__(self, grid, *, period: float = 0.25, agent_every: int = 6, seed: int = 7) -> None:
+    def __init__(self, grid, *, period: float = 0.25, agent_every: int = 4, seed: int = 7) -> None:
         super().__init__(name="test-killer", daemon=True)
         self.grid = grid
         self.period = period
@@ -61,7 +61,7 @@ def test_random_sigkills_during_a_2000_task_map_lose_nothing_and_resolve_each_fu
     killer = Killer(grid)
     killer.start()
     try:
-        futures = [executor.submit(fault_tasks.logged_sleep_square, str(log), i, 0.004) for i in range(n)]
+        futures = [executor.submit(fault_tasks.logged_sleep_square, str(log), i, 0.005) for i in range(n)]
         counter = DoneCounter(futures)
         # and a map over the same grid at the same time, chunked, results in order
         mapped = executor.map(fault_tasks.logged_sleep_square, [str(map_log)] * n, range(n), [0.0] * n,
