@@ -43,6 +43,8 @@ __all__ = ["AgentSettings", "Agent", "AGENT_CONFIG_ENV", "main"]
 logger = logging.getLogger(__name__)
 
 AGENT_CONFIG_ENV = "HTCGRID_AGENT_CONFIG"
+_FLUSH_SEC = 0.005  # the longest a finished output waits to be completed with others
+_STRAGGLER_SEC = 0.05  # a task in a batch running this long frees the tasks queued behind it
 DEFAULT_HANDLER = "htcgrid_executor.worker:lambda_handler"
 
 
@@ -150,6 +152,8 @@ class Agent:
         self._owned: set[str] = set()  # claimed and not yet completed, released or lost
         self._lost: set[str] = set()  # owned tasks the grid took back (cancelled, lease lost)
         self._runner: _Runner | None = None
+        self._unflushed: dict[str, bytes] = {}  # outputs a Redis failure kept from completing
+        self._to_release: set[str] = set()  # unfinished tasks of a batch a Redis failure broke
         # Claim size grows while tasks are short and drops to 1 when one is slow, so a deep
         # queue of tiny tasks goes in batches but long tasks stay pending (and cancellable as
         # pending, and free for other agents) until an agent is really ready for them.
@@ -168,6 +172,8 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 try:
+                    if self._unflushed or self._to_release:
+                        self._recover()
                     claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms)
                     if claims:
                         started = time.monotonic()
@@ -248,6 +254,7 @@ class Agent:
                     runner.skip[index] = 1
         received = 0
         first_unflushed = 0.0
+        straggler_checked = False
         try:
             while received < len(items):
                 wait = 1.0
@@ -255,32 +262,52 @@ class Agent:
                 if 0 <= index < len(items) and limits[index]:
                     deadline = runner.progress[1] / 1e9 + limits[index] / 1000
                     wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
+                if outputs:  # never sit on a finished output for more than a few milliseconds
+                    wait = min(wait, max(0.0, first_unflushed + _FLUSH_SEC - time.monotonic()))
+                if not straggler_checked and len(items) > 1:
+                    wait = min(wait, _STRAGGLER_SEC)
                 if runner.conn.poll(wait):
                     for index, output in runner.conn.recv():
                         received += 1
                         if output is not None:
                             outputs[items[index][0]] = output
-                    now = time.monotonic()
-                    first_unflushed = first_unflushed or now
-                    if now - first_unflushed > 0.005 or len(outputs) >= 64 or received == len(items):
-                        self._flush(outputs)
-                        outputs.clear()
-                        first_unflushed = 0.0
-                    continue
+                    first_unflushed = first_unflushed or time.monotonic()
+                now = time.monotonic()
+                if outputs and (now - first_unflushed >= _FLUSH_SEC or len(outputs) >= 64
+                                or received == len(items)):
+                    self._flush(outputs)
+                    outputs.clear()
+                    first_unflushed = 0.0
+                if received == len(items):
+                    break
                 index = runner.running_index
-                if 0 <= index < len(items) and limits[index] and (
-                        time.monotonic_ns() - runner.progress[1]) / 1e6 >= limits[index]:
+                running_ns = time.monotonic_ns() - runner.progress[1]
+                if 0 <= index < len(items) and limits[index] and running_ns / 1e6 >= limits[index]:
                     runner.kill()
                     raise _RunnerStopped("timeout")
                 if self.stop_event.is_set():  # asked to stop: unfinished work goes back
                     runner.kill()
                     raise _RunnerStopped("stop")
+                if not straggler_checked and 0 <= index and running_ns / 1e9 >= _STRAGGLER_SEC:
+                    straggler_checked = True  # once per batch: the batch was sized for short tasks
+                    self._release_behind(runner, items, index)
         except (EOFError, OSError, _RunnerStopped) as exc:
             why = exc.why if isinstance(exc, _RunnerStopped) else "crash"
             self._flush(outputs)
             outputs.clear()
             self._after_runner_stopped(runner, items, limits, why)
             return
+        except BaseException:
+            # Redis failed in a step that decides a task (time-out, retry) or we are interrupted:
+            # this batch can no longer be followed, so its runner goes; finished outputs wait in
+            # _unflushed for Redis to come back, and the unfinished tasks are given back then
+            runner.kill()
+            with self._lock:
+                self._runner = None
+                self._unflushed.update(outputs)
+                self._to_release.update(t for t, _, _ in items if t in self._owned and t not in outputs)
+            outputs.clear()
+            raise
         runner.tasks_run += len(items)
         with self._lock:
             runner.batch = []
@@ -289,6 +316,36 @@ class Agent:
             with self._lock:
                 self._runner = None
             runner.stop()
+
+    def _release_behind(self, runner: _Runner, items: list[tuple[str, bytes, int]], index: int) -> None:
+        """The task at ``index`` is slow: give the tasks queued behind it in this batch back to the
+        queue, so idle agents run them now instead of after it."""
+        with self._lock:
+            for later in range(index + 1, len(items)):
+                runner.skip[later] = 1
+            # read progress after setting the flags: the runner may have moved on meanwhile, and a
+            # task it reached may already have passed its flag check, so it stays here
+            started = runner.running_index
+            behind = [task_id for task_id, _, _ in items[started + 1:]]
+        self._give_back(behind)
+        if behind:
+            logger.debug("agent %s: %d tasks given back from behind a slow task", self.agent_id, len(behind))
+
+    def _recover(self) -> None:
+        """After Redis failed mid-batch: complete the outputs kept meanwhile and give back the
+        tasks that did not finish (raises again while Redis is still away)."""
+        with self._lock:
+            outputs, to_release = dict(self._unflushed), sorted(self._to_release)
+        if outputs:
+            self.table.complete(self.agent_id, outputs)  # raises while Redis is away: run() waits
+            with self._lock:
+                for task_id in outputs:
+                    self._forget(task_id)
+                    self._unflushed.pop(task_id, None)
+        if to_release:
+            with self._lock:
+                self._to_release.difference_update(to_release)
+            self._give_back(to_release)
 
     def _fresh_runner(self) -> _Runner:
         """The runner, replaced first if it died while idle (killed by an operator or the OOM
@@ -335,9 +392,18 @@ class Agent:
         self._give_back(unfinished)
 
     def _flush(self, outputs: dict[str, bytes]) -> None:
+        """Complete finished tasks. If Redis is away, keep their outputs for :meth:`_recover`:
+        the batch goes on, and no finished call is run a second time because of the outage."""
         if not outputs:
             return
-        self.table.complete(self.agent_id, outputs)
+        try:
+            self.table.complete(self.agent_id, outputs)
+        except redis.exceptions.RedisError as exc:
+            with self._lock:
+                self._unflushed.update(outputs)
+            logger.warning("agent %s: cannot complete %d tasks yet (%s); keeping their outputs",
+                           self.agent_id, len(outputs), exc)
+            return
         with self._lock:
             for task_id in outputs:
                 self._forget(task_id)
@@ -347,7 +413,12 @@ class Agent:
             mine = [t for t in task_ids if t in self._owned and t not in self._lost]
             for task_id in task_ids:
                 self._forget(task_id)
-        self.table.release(self.agent_id, mine)
+        try:
+            self.table.release(self.agent_id, mine)
+        except redis.exceptions.RedisError:
+            with self._lock:  # given back once Redis is back (the TTL checker would, later)
+                self._owned.update(mine)
+                self._to_release.update(mine)
 
     def _forget(self, task_id: str) -> None:  # lock held
         self._owned.discard(task_id)

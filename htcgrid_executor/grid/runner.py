@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -101,8 +102,9 @@ def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: 
     A batch is a list of ``(task_id, input bytes, timeout_ms)``. Before each task the runner
     writes its start time and index into the shared ``progress`` array (``[index, start_ns]``),
     so the agent knows which task is running without a message per task, and skips a task whose
-    ``skip`` flag the agent set (it was cancelled while it waited). Outputs go back as lists of
-    ``(index, output or None)``, sent every few milliseconds and at the end of the batch.
+    ``skip`` flag the agent set (it was cancelled, or given back, while it waited). Outputs go
+    back as lists of ``(index, output or None)``, every few milliseconds and at the end of the
+    batch.
     """
     die_with_parent()
     if os.getppid() != parent_pid:  # the agent died before we could ask to die with it
@@ -115,6 +117,7 @@ def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: 
         handler = load_handler(spec)
     except Exception as exc:  # reported per task, as a deployment's Lambda does
         load_error = f"cannot import worker function {spec!r}: {type(exc).__name__}: {exc}"
+    outbox = _Outbox(conn)
     while True:
         try:
             batch = conn.recv()
@@ -122,19 +125,48 @@ def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: 
             return
         if batch is None:
             return
-        done: list[tuple[int, bytes | None]] = []
-        last_sent = time.monotonic()
         for index, (task_id, raw_input, timeout_ms) in enumerate(batch):
             progress[1] = time.monotonic_ns()
             progress[0] = index  # after the start time: the agent reads index, then time
             if skip[index]:
-                done.append((index, None))
+                outbox.put(index, None)
                 continue
-            done.append((index, run_task(handler, load_error, spec, task_id, raw_input, timeout_ms,
-                                         max_output_bytes)))
-            if time.monotonic() - last_sent > 0.005:  # don't sit on finished outputs
-                conn.send(done)
-                done = []
-                last_sent = time.monotonic()
+            outbox.put(index, run_task(handler, load_error, spec, task_id, raw_input, timeout_ms,
+                                       max_output_bytes))
         progress[0] = len(batch)
-        conn.send(done)
+        outbox.flush()
+
+
+class _Outbox:
+    """Outputs on their way back to the agent: sent in groups, by a thread that flushes a few
+    milliseconds after the first one is ready, so an output finished just before a long task
+    does not wait for it."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._ready = threading.Condition()  # guards _done and the pipe's write end
+        self._done: list[tuple[int, bytes | None]] = []
+        threading.Thread(target=self._flush_soon, name="htcgrid-runner-outbox", daemon=True).start()
+
+    def put(self, index: int, output: bytes | None) -> None:
+        with self._ready:
+            self._done.append((index, output))
+            if len(self._done) == 1:
+                self._ready.notify()
+
+    def flush(self) -> None:
+        with self._ready:
+            done, self._done = self._done, []
+            if done:
+                self._conn.send(done)
+
+    def _flush_soon(self) -> None:
+        while True:
+            with self._ready:
+                while not self._done:
+                    self._ready.wait()
+            time.sleep(0.005)  # let a few more join it
+            try:
+                self.flush()
+            except OSError:  # the agent is gone: the main thread finds out too
+                return

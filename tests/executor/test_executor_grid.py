@@ -18,7 +18,7 @@ from concurrent.futures import CancelledError, wait
 
 import psutil
 import pytest
-from conftest import assert_no_executor_threads, fixture_grid, running_grid
+from executor_support import assert_no_executor_threads, fixture_grid, running_grid
 from executor_tasks import (
     exit_process,
     failing_initializer,
@@ -158,7 +158,7 @@ def test_a_runner_killed_mid_task_still_gives_the_result(grid_executor, tmp_path
 
     marker = tmp_path / "started"
     future = grid_executor.submit(start_and_sleep, str(marker), 1.0, "survived")
-    wait_until(marker.exists)
+    wait_until(lambda: marker.exists() and marker.read_text())  # written, not just created
     victim = int(marker.read_text())
     assert victim in running_grid().runner_pids()
     marker.unlink()
@@ -194,7 +194,7 @@ def test_an_agent_killed_mid_task_still_gives_the_result(short_lease_grid, tmp_p
     marker = tmp_path / "started"
     with HTCGridExecutor(config=short_lease_grid.client_config) as executor:
         future = executor.submit(start_and_sleep, str(marker), 0.5, "survived")
-        wait_until(marker.exists)
+        wait_until(lambda: marker.exists() and marker.read_text())  # written, not just created
         runner = int(marker.read_text())
         agent = psutil.Process(runner).parent().pid
         assert agent in short_lease_grid.agent_pids()
@@ -291,8 +291,9 @@ def test_a_100000_item_map_with_buffersize_runs_in_bounded_memory(fast_grid):
         elapsed = time.monotonic() - started
         assert total_small == sum(i * i for i in range(20_000))
         assert total_big == sum(i * i for i in range(100_000))
-        # five times the items, the same memory: what is in flight is bounded, not the input
-        assert peak_big < peak_small * 1.5 + 2_000_000, (peak_small, peak_big)
+        # five times the items, not five times the memory: what is in flight is bounded, not the
+        # input (the margin is for the embedded grid's threads, whose answers grow under load)
+        assert peak_big < peak_small * 3 + 2_000_000, (peak_small, peak_big)
         assert peak_big < 30_000_000
         print(f"100,000-item map: {elapsed:.1f} s, client peak {peak_big / 1e6:.1f} MB")
 

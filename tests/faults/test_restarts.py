@@ -122,9 +122,6 @@ def test_queued_running_and_finished_tasks_survive_redis_restarts(make_grid, mak
     assert set(terminal_events(grid).values()) == {1}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an agent whose output flush fails while Redis is down "
-                                       "reuses its runner mid-batch: stale outputs are stored for the "
-                                       "wrong tasks, the batch's tasks stay processing forever")
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_redis_restart_in_the_middle_of_a_busy_run_loses_nothing(make_grid, make_executor, tmp_path,

@@ -66,8 +66,6 @@ def test_hung_calls_among_many_fail_alone_and_are_not_retried(make_grid, make_ex
     figures["tasks_run"] += len(futures)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Agent._run_in_runner flushes finished outputs only when the "
-                                       "next output arrives: results wait for a slow call in their batch")
 @pytest.mark.timeout(60)
 def test_results_finished_before_a_straggler_are_delivered_while_it_runs(make_grid, make_executor, tmp_path):
     grid = make_grid(workers=1)
@@ -84,8 +82,6 @@ def test_results_finished_before_a_straggler_are_delivered_while_it_runs(make_gr
     assert straggler.result(timeout=10) == "late"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an agent keeps the tasks it claimed with a straggler (up to "
-                                       "its claim batch) until the straggler ends; idle agents cannot run them")
 @pytest.mark.timeout(60)
 def test_calls_queued_behind_a_straggler_run_on_another_worker(make_grid, make_executor, tmp_path):
     grid = make_grid(workers=2)
