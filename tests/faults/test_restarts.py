@@ -12,6 +12,7 @@ import fault_tasks
 import pytest
 from fault_helpers import DoneCounter, executions, terminal_events, wait_for
 
+from htcgrid_executor import BrokenGridExecutor, GridError, HTCGridExecutor
 from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickle_function
 
 
@@ -139,3 +140,53 @@ def test_a_redis_restart_in_the_middle_of_a_busy_run_loses_nothing(make_grid, ma
     figures["redis_restarts"] += 2
     _check_exactly_once(futures, counter, log, n, figures, timeout=60)
     assert set(terminal_events(grid).values()) == {1}
+
+
+@pytest.mark.timeout(60)
+def test_an_outage_longer_than_the_deadline_fails_every_pending_future_instead_of_hanging(
+        make_grid, make_executor, tmp_path):
+    grid = make_grid(workers=1)
+    executor = make_executor(grid, broken_after_sec=2)
+    assert executor.submit(fault_tasks.square, 2).result(timeout=30) == 4
+    waiting = [executor.submit(fault_tasks.wait_for_file, str(tmp_path / "gate"), i) for i in range(3)]
+    executor.sessions(timeout=30)
+    outage = threading.Thread(target=grid.restart_control_plane, kwargs={"down_sec": 6})
+    outage.start()
+    try:
+        time.sleep(0.3)
+        unsent = executor.submit(fault_tasks.square, 3)  # accepted, but cannot be sent
+        started = time.monotonic()
+        done, not_done = wait([*waiting, unsent], timeout=20)
+        assert not not_done
+        assert time.monotonic() - started < 10
+        for future in done:
+            assert isinstance(future.exception(), BrokenGridExecutor)
+            assert "cannot" in str(future.exception())
+        with pytest.raises(BrokenGridExecutor):
+            executor.submit(fault_tasks.square, 4)  # and it says so at once from now on
+    finally:
+        outage.join()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the poller reads its listener stream only; when the grid "
+                                       "loses its state (Redis restarted without persistence) the "
+                                       "stream is just empty and the futures wait forever")
+@pytest.mark.timeout(60)
+def test_a_grid_that_lost_its_state_fails_the_futures_instead_of_hanging(make_grid, tmp_path):
+    grid = make_grid(workers=1)  # no folder: a Redis restart loses every task
+    # not make_executor: its shutdown(wait=True) would wait for these futures as well; this one
+    # breaks (and its threads end) once the grid is stopped after the test
+    executor = HTCGridExecutor(config=grid.client_config, broken_after_sec=3)
+    try:
+        gate = tmp_path / "gate"
+        futures = [executor.submit(fault_tasks.wait_for_file, str(gate), i, 30) for i in range(3)]
+        executor.sessions(timeout=30)
+        grid.restart_redis()
+        assert grid.redis.dbsize() == 0  # the grid forgot the sessions
+        gate.write_text("open")
+        done, not_done = wait(futures, timeout=10)
+        assert not not_done, "futures of sessions the grid no longer knows never resolve"
+        for future in done:
+            assert isinstance(future.exception(), GridError)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
