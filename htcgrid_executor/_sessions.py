@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 _IDLE_TICK = 0.5  # how often an idle thread checks whether its executor was collected
 _LONG_POLL_SEC = 5.0  # one long poll's wait; new sessions join the listener's stream meanwhile
+_VERIFY_SEC = 5.0  # after this long with no news, check that the grid still knows our sessions
+_VERIFY_BATCH = 50  # sessions checked per round (round robin), one cheap request each
+_FAR_CURSOR = "99999999999999-0"  # a cursor after everything: the answer says only "it exists"
 _CANCEL_CHUNK = 500  # task ids per cancel request: the query string stays under 64 KiB
 
 # Set at interpreter exit (before non-daemon threads are joined): threads then finish what was
@@ -543,6 +546,8 @@ class _Core:
         delay = 0.05
         interval = 0.01
         pull_interval = float(self.connector.client_config.get("dynamodb_results_pull_interval_sec", 0.5) or 0.5)
+        quiet_since = time.monotonic()
+        verified: collections.deque[str] = collections.deque()  # session ids, next to check first
         while True:
             with self.lock:
                 groups: dict[str | None, list[dict[str, Any]]] = {}
@@ -604,13 +609,47 @@ class _Core:
                 continue
             if changed:
                 interval = 0.01
-            elif not long_polled or not extensions:
+                quiet_since = time.monotonic()
+                continue
+            if extensions and time.monotonic() - quiet_since >= _VERIFY_SEC:
+                # A listener stream says what changed, not what was forgotten: a grid that lost
+                # its state (Redis restarted without persistence) would leave these futures
+                # waiting for ever. So, when nothing happens for a while, ask after the sessions.
+                self._verify_sessions([r for lid, group in groups.items() if lid is not None
+                                       for r in group], verified)
+                quiet_since = time.monotonic()
+            if not long_polled or not extensions:
                 # nothing waited on the server side (several channels, or a plain deployment that
                 # answers at once): poll at an interval that backs off while nothing changes
                 self.poller_event.wait(interval)
                 self.poller_event.clear()
                 # many sessions polled one by one: fewer rounds, at most ~50 requests/s when idle
                 interval = min(interval * 2, max(pull_interval, min(2.0, 0.02 * requests)))
+
+
+    def _verify_sessions(self, responses: list[dict[str, Any]], order: collections.deque[str]) -> None:
+        """Fail the futures of sessions the grid answers it does not know (404), checking up to
+        ``_VERIFY_BATCH`` sessions, round robin; other failures are left to the next poll."""
+        by_id = {r["session_id"]: r for r in responses}
+        known = set(order)
+        order.extend(sid for sid in by_id if sid not in known)
+        for _ in range(min(_VERIFY_BATCH, len(order))):
+            sid = order.popleft()
+            response = by_id.get(sid)
+            if response is None:
+                continue  # collected meanwhile
+            try:
+                self.connector.poll_session(sid, after=_FAR_CURSOR)
+            except BadRequestError as exc:
+                if exc.status == 404:
+                    lost = TaskFailedError(f"the grid no longer knows session {sid} (it lost its state, "
+                                           "or the session expired): its tasks' outcomes are gone")
+                    lost.__cause__ = exc
+                    self._drop_session(self._calls_of(response), response, lost)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - an outage shows in the next poll
+                logger.debug("session check of %s failed: %s", sid, exc)
+            order.append(sid)
 
 
 def _retryable(exc: BaseException) -> bool:

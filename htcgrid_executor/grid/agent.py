@@ -367,11 +367,11 @@ class Agent:
         runner.process.join(5)
         how = describe_exit(runner.process.exitcode)
         runner.conn.close()
-        index = max(runner.running_index, 0)
+        index = runner.running_index  # -1: it died before starting the batch, no task to blame
         with self._lock:
             self._runner = None
             ids = [task_id for task_id, _, _ in items]
-            current = ids[index] if index < len(ids) else None
+            current = ids[index] if 0 <= index < len(ids) else None
             lost = current in self._lost
             unfinished = [t for t in ids if t in self._owned and t != current]
         if current is not None and current in self._owned:

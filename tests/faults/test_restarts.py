@@ -168,9 +168,6 @@ def test_an_outage_longer_than_the_deadline_fails_every_pending_future_instead_o
         outage.join()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the poller reads its listener stream only; when the grid "
-                                       "loses its state (Redis restarted without persistence) the "
-                                       "stream is just empty and the futures wait forever")
 @pytest.mark.timeout(60)
 def test_a_grid_that_lost_its_state_fails_the_futures_instead_of_hanging(make_grid, tmp_path):
     grid = make_grid(workers=1)  # no folder: a Redis restart loses every task

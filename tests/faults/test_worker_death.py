@@ -168,9 +168,6 @@ def test_an_agent_survives_the_death_of_its_idle_runner(make_grid, make_executor
     figures["tasks_run"] += 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Agent._after_runner_stopped charges the batch's first task "
-                                       "(running_index -1 read as 0) when the runner died before it "
-                                       "started the batch")
 @pytest.mark.timeout(60)
 def test_a_runner_that_dies_before_it_starts_its_batch_charges_no_task(make_grid, make_executor):
     grid = make_grid(workers=1)
