@@ -20,7 +20,9 @@ from htcgrid_executor import HTCGridExecutor
 def main() -> None:
     config, gate = sys.argv[1], sys.argv[2]
     quick, gated, consumed = (int(arg) for arg in sys.argv[3:6])
-    executor = HTCGridExecutor(config=config)
+    # one session for all the calls: the session is still outstanding when this client dies, with
+    # the results it has read inside (a session it had wholly collected it would have deleted)
+    executor = HTCGridExecutor(config=config, batch_window=1.0)
     futures = [executor.submit(fault_tasks.square, i) for i in range(quick)]
     futures += [executor.submit(fault_tasks.wait_for_file, gate, f"gated {i}") for i in range(gated)]
     print(json.dumps(executor.sessions(timeout=30)), flush=True)
