@@ -113,7 +113,7 @@ def test_100_sessions_from_threads_and_processes_50000_tasks_bounded_memory_noth
         assert report["outstanding_sessions"] == 0
         first, second = report["rss_after_round"]
         assert second - first < 20 * 2**20, report  # a second round of the same work: no growth
-        assert report["max_rss"] < 400 * 2**20, report
+        assert report["max_rss"] < 150 * 2**20, report  # about 50 MiB on CPython 3.11
     # collected sessions' data-plane keys were deleted by their clients at once ...
     leftover = [k for k in grid.redis.scan_iter(count=10_000) if not k.startswith(b"htcgrid:")]
     assert leftover == []
