@@ -4,6 +4,7 @@ is lost, nothing runs twice."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import wait
@@ -13,6 +14,10 @@ import pytest
 from fault_helpers import DoneCounter, executions, terminal_events, wait_for
 
 from htcgrid_executor import BrokenGridExecutor, GridError, HTCGridExecutor
+from htcgrid_executor.grid.agent import AgentSettings
+from htcgrid_executor.grid.child_processes import describe_exit
+from htcgrid_executor.grid.local_grid import start_agent_process
+from htcgrid_executor.grid.redis_server import RedisServer
 from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickle_function
 
 
@@ -187,3 +192,35 @@ def test_a_grid_that_lost_its_state_fails_the_futures_instead_of_hanging(make_gr
             assert isinstance(future.exception(), GridError)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Agent.run registers (a heartbeat) before its retry loop: an "
+                                       "agent started while Redis is unreachable exits with code 1")
+@pytest.mark.timeout(60)
+def test_an_agent_started_while_redis_is_down_waits_for_it_and_then_works(make_grid, make_executor):
+    """An agent that joins from another machine (``htcgrid-executor agent``) has no supervisor to
+    restart it: started before its grid's Redis is up (a reboot, a network blip), it must wait."""
+    password, key = "agent-test-password", "agent-test-signing-key"
+    port = _free_port()
+    agent = start_agent_process(
+        AgentSettings(redis_url=f"redis://:{password}@127.0.0.1:{port}/0", heartbeat_sec=0.2, lease_sec=1.0),
+        key)
+    server = None
+    try:
+        time.sleep(1.5)  # Redis is not there yet
+        assert agent.poll() is None, f"the agent gave up: {describe_exit(agent.returncode)}"
+        server = RedisServer(port=port, password=password).start()
+        grid = make_grid(workers=0, redis_url=server.url, payload_signing_key=key)
+        executor = make_executor(grid)
+        assert executor.submit(fault_tasks.getpid).result(timeout=30) != agent.pid  # its runner ran it
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        if server is not None:
+            server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
