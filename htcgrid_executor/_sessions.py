@@ -28,10 +28,11 @@ from .errors import (
     BrokenGridExecutor,
     ControlPlaneError,
     GridUnavailableError,
+    PayloadError,
     TaskFailedError,
 )
-from .wire import new_session_id, task_ids_for
-from .worker import decode_output
+from .wire import decode_task, input_key, new_session_id, task_ids_for
+from .worker import decode_output, is_executor_task, task_binding
 
 __all__: list[str] = []  # private module
 
@@ -83,11 +84,13 @@ class _Call:
     ``set_running_or_notify_cancel()`` for the future, which must happen exactly once.
     """
 
-    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core")
+    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding")
 
     def __init__(self, core: _Core, task: dict[str, Any], raw: bool) -> None:
         self.future: Future[Any] = Future()
         self.task: dict[str, Any] | None = task  # dropped once sent
+        # what its output must be signed for: an output copied from another task is refused
+        self.binding: str | None = task_binding(task) if is_executor_task(task) else None
         self.task_id: str | None = None  # set when the sender puts it in a session
         self.claimed = False
         self.done = False  # terminal on the grid (or given up on)
@@ -224,6 +227,7 @@ class _Core:
     def adopt(self, records: list[dict[str, Any]]) -> list[Future[Any]]:
         """Register sessions sent by another client (attach); their futures, in order."""
         futures: list[Future[Any]] = []
+        bindings = self._bindings_of([tid for record in records for tid in record["task_ids"]])
         with self.lock:
             for record in records:
                 sid, task_ids = record["session_id"], list(record["task_ids"])
@@ -235,11 +239,31 @@ class _Core:
                 for tid in task_ids:
                     # raw: whether a task was ours or a plain dict, its output tells
                     call = _Call(self, {}, raw=True)
-                    call.task, call.task_id = None, tid
+                    call.task, call.task_id, call.binding = None, tid, bindings.get(tid)
                     self.tasks[tid] = call
                     futures.append(call.future)
         self.poller_event.set()
         return futures
+
+    def _bindings_of(self, task_ids: list[str]) -> dict[str, str]:
+        """The bindings of adopted tasks, from their inputs in the data plane (the client that
+        sent them is gone). A task whose input is gone, or not ours, gets no check."""
+        found: dict[str, str] = {}
+        for start in range(0, len(task_ids), 1000):
+            chunk = task_ids[start:start + 1000]
+            try:
+                inputs = self.connector.store.get_many([input_key(tid) for tid in chunk])
+            except Exception as exc:  # noqa: BLE001 - without inputs, outputs are checked unbound
+                logger.debug("attach: cannot read task inputs (%s); outputs checked without binding", exc)
+                return found
+            for tid, raw in zip(chunk, inputs, strict=True):
+                try:
+                    task = decode_task(raw) if raw is not None else None
+                except PayloadError:
+                    task = None
+                if is_executor_task(task):
+                    found[tid] = task_binding(task)
+        return found
 
     def request_stop(self, *, cancel_futures: bool, kill_running: bool) -> None:
         """The shutdown flags plus the grid-side cancellations of ``shutdown()``."""
@@ -327,7 +351,7 @@ class _Core:
                 pass  # resolved meanwhile by the broken path
         for call, need_claim, kind, value in ends:
             if kind == "finished":
-                ok, result = decode_output(value, self.key, raw=call.raw)
+                ok, result = decode_output(value, self.key, raw=call.raw, binding=call.binding)
                 self._settle(call, need_claim, ok, result)
             elif kind == "failed":
                 self._settle(call, need_claim, False, TaskFailedError(str(value), call.task_id))

@@ -39,28 +39,35 @@ def signing_key_from_env() -> str | None:
     return os.environ.get(PAYLOAD_KEY_ENV) or None
 
 
-def _mac(key: str, data: bytes) -> bytes:
-    return hmac.new(key.encode(), data, hashlib.sha256).digest()
+def _mac(key: str, data: bytes, context: str = "") -> bytes:
+    # the context (if any) is MACed with the data: a blob signed for one context does not verify
+    # in another ("\n" cannot occur in a context, which is made of base64 text)
+    message = f"{context}\n".encode() + data if context else data
+    return hmac.new(key.encode(), message, hashlib.sha256).digest()
 
 
-def dumps_signed(obj: Any, key: str) -> str:
-    """Pickle ``obj`` with cloudpickle and sign it. Raises PayloadError naming what could not be
-    pickled (the exception from the pickler is the ``__cause__``)."""
+def dumps_signed(obj: Any, key: str, context: str = "") -> str:
+    """Pickle ``obj`` with cloudpickle and sign it (for ``context``, see :func:`loads_signed`).
+    Raises PayloadError naming what could not be pickled (the pickler's error is the
+    ``__cause__``)."""
     try:
         data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # pickling can raise anything a __reduce__ raises
         raise PayloadError(f"cannot pickle {_describe(obj)}: {exc}") from exc
-    return sign_bytes(data, key)
+    return sign_bytes(data, key, context)
 
 
-def sign_bytes(data: bytes, key: str) -> str:
+def sign_bytes(data: bytes, key: str, context: str = "") -> str:
     """Sign already-pickled ``data``."""
-    mac = base64.urlsafe_b64encode(_mac(key, data)).decode()
+    mac = base64.urlsafe_b64encode(_mac(key, data, context)).decode()
     return f"{_PREFIX}{mac}.{base64.b64encode(data).decode()}"
 
 
-def loads_signed(text: str, key: str) -> Any:
+def loads_signed(text: str, key: str, context: str = "") -> Any:
     """Check the signature of ``text`` and only then unpickle it.
+
+    ``context``: what the blob was signed for (a task's outputs are signed for that task); a blob
+    signed for another context does not verify.
 
     Raises SignatureError when the HMAC does not match (nothing is unpickled), PayloadError when
     the text is not a signed blob at all or the pickle cannot be loaded.
@@ -73,7 +80,7 @@ def loads_signed(text: str, key: str) -> Any:
         data = base64.b64decode(data_text, validate=True)
     except ValueError as exc:
         raise PayloadError(f"payload is not a signed htcgrid_executor blob: {exc}") from exc
-    if not hmac.compare_digest(mac, _mac(key, data)):
+    if not hmac.compare_digest(mac, _mac(key, data, context)):
         raise SignatureError("payload signature does not match the grid secret; refusing to unpickle it")
     try:
         return pickle.loads(data)

@@ -50,6 +50,7 @@ __all__ = [
     "pickle_chunk",
     "make_task",
     "is_executor_task",
+    "task_binding",
     "decode_output",
 ]
 
@@ -69,7 +70,7 @@ _FUNCTION_CACHE_SIZE = 32
 _INITIALIZED: set[str] = set()
 
 
-def dumps_signed(obj: Any, key: str) -> str:
+def dumps_signed(obj: Any, key: str, context: str = "") -> str:
     """Pickle and sign ``obj``: what :func:`htcgrid_executor.payload.dumps_signed` does, faster
     for plain data. Raises PayloadError naming the type, with the pickler's error as cause.
 
@@ -94,7 +95,7 @@ def dumps_signed(obj: Any, key: str) -> str:
             data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # pickling can raise anything a __reduce__ raises
             raise PayloadError(f"cannot pickle object of type {type(obj).__name__}: {exc}") from exc
-    return sign_bytes(data, key)
+    return sign_bytes(data, key, context)
 
 
 class _RemoteTraceback(Exception):
@@ -129,13 +130,17 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
         key = signing_key_from_env()
         if key is None:
             return _failure("config", f"{PAYLOAD_KEY_ENV} is not set in the worker's environment")
+        try:
+            binding = task_binding(event)
+        except PayloadError:
+            binding = ""  # malformed blobs: their signature checks below refuse them
         init = event.get("init")
         if init is not None and init not in _INITIALIZED:
             initializer, initargs = loads_signed(init, key)
             try:
                 initializer(*initargs)
             except BaseException as exc:  # the initializer's failure is this task's outcome
-                return _exception_envelope(exc, key)
+                return _exception_envelope(exc, key, binding)
             _INITIALIZED.add(init)
         fn = _load_function(event["fn"], key)
         args = loads_signed(event["args"], key)
@@ -150,13 +155,13 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
             else:
                 raise PayloadError(f"unknown task mode {mode!r}")
         except BaseException as exc:  # user code: everything it raises goes back to the caller
-            return _exception_envelope(exc, key)
+            return _exception_envelope(exc, key, binding)
         try:
-            blob = dumps_signed(result, key)
+            blob = dumps_signed(result, key, binding)
         except PayloadError as exc:
             # as ProcessPoolExecutor does: a result that cannot be pickled becomes the error
-            return _exception_envelope(exc, key)
-        return {TASK_MARKER: _VERSION, "ok": True, "result": blob}
+            return _exception_envelope(exc, key, binding)
+        return {TASK_MARKER: _VERSION, "ok": True, "result": blob, "binding": binding}
     except SignatureError as exc:
         return _failure("signature", str(exc))
     except (PayloadError, KeyError, TypeError, ValueError) as exc:
@@ -181,7 +186,7 @@ def _failure(kind: str, message: str) -> dict[str, Any]:
     return {TASK_MARKER: _VERSION, "ok": False, "error": kind, "message": message}
 
 
-def _exception_envelope(exc: BaseException, key: str) -> dict[str, Any]:
+def _exception_envelope(exc: BaseException, key: str, binding: str) -> dict[str, Any]:
     tb = exc.__traceback__
     # drop this module's own frames: the traceback starts in the user's code
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
@@ -194,7 +199,7 @@ def _exception_envelope(exc: BaseException, key: str) -> dict[str, Any]:
     except Exception:  # a broken __str__ must not lose the exception
         message = f"<{type(exc).__name__} with unprintable message>"
     try:
-        blob: str | None = dumps_signed(exc, key)
+        blob: str | None = dumps_signed(exc, key, binding)
     except PayloadError:
         blob = None  # the client raises RemoteError with the type, message and traceback
     return {
@@ -205,6 +210,7 @@ def _exception_envelope(exc: BaseException, key: str) -> dict[str, Any]:
         "message": message,
         "traceback": text,
         "exception": blob,
+        "binding": binding,
     }
 
 
@@ -283,7 +289,21 @@ def is_executor_task(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get(TASK_MARKER) == _VERSION and "fn" in obj and "args" in obj
 
 
-def decode_output(text: str, key: str | None, *, raw: bool = False) -> tuple[bool, Any]:
+def task_binding(task: dict[str, Any]) -> str:
+    """What a task's outputs are signed for: the MACs of its function and of its arguments.
+
+    The worker signs a task's result (or exception) for this binding and names it in the
+    envelope, so an output copied onto another task's key does not pass for that task's: the
+    client checks the binding it expects (see :func:`decode_output`).
+    """
+    try:
+        return f"{task['fn'].split('.', 2)[1]}.{task['args'].split('.', 2)[1]}"
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise PayloadError(f"malformed task: no signed function and arguments ({exc!r})") from exc
+
+
+def decode_output(text: str, key: str | None, *, raw: bool = False,
+                  binding: str | None = None) -> tuple[bool, Any]:
     """Decode a task's output text: ``(True, value)`` or ``(False, exception to raise)``.
 
     Our envelopes give the result, or the task's exception with the remote traceback as its
@@ -292,7 +312,8 @@ def decode_output(text: str, key: str | None, *, raw: bool = False) -> tuple[boo
     (``{"errorMessage", "errorType", "stackTrace"}``) becomes a RemoteError. With ``raw`` (a task
     dict sent as it is to some worker function) any other output is JSON-decoded when it is JSON,
     else returned as text; without it, any other output is a PayloadError (the grid's worker
-    function is not ``htcgrid_executor.worker.lambda_handler``).
+    function is not ``htcgrid_executor.worker.lambda_handler``). ``binding``: the task's
+    :func:`task_binding`; an output made for another task then raises ``SignatureError``.
     """
     try:
         doc = json.loads(text)
@@ -302,7 +323,7 @@ def decode_output(text: str, key: str | None, *, raw: bool = False) -> tuple[boo
         is_json = True
     if is_json and isinstance(doc, dict):
         if doc.get(TASK_MARKER) == _VERSION and "ok" in doc:
-            return _decode_envelope(doc, key)
+            return _decode_envelope(doc, key, binding)
         if "errorMessage" in doc and "errorType" in doc:
             stack = doc.get("stackTrace") or ""
             if isinstance(stack, list):
@@ -317,12 +338,16 @@ def decode_output(text: str, key: str | None, *, raw: bool = False) -> tuple[boo
     )
 
 
-def _decode_envelope(doc: dict[str, Any], key: str | None) -> tuple[bool, Any]:
+def _decode_envelope(doc: dict[str, Any], key: str | None, binding: str | None) -> tuple[bool, Any]:
     try:
         if key is None:
             raise ConfigurationError("payload_signing_key is not set: cannot read a pickled task output")
+        bound = str(doc.get("binding", ""))  # what the worker signed it for (checked by the MAC)
+        if binding is not None and doc.get("error") not in ("signature", "config", "payload") and bound != binding:
+            raise SignatureError("this output was made for another task (copied onto this task's "
+                                 "key?); refusing to unpickle it")
         if doc["ok"]:
-            return True, loads_signed(doc["result"], key)
+            return True, loads_signed(doc["result"], key, bound)
         kind = doc.get("error")
         message = str(doc.get("message", ""))
         if kind == "signature":
@@ -335,7 +360,7 @@ def _decode_envelope(doc: dict[str, Any], key: str | None) -> tuple[bool, Any]:
         exc: BaseException | None = None
         if doc.get("exception") is not None:
             try:
-                exc = loads_signed(doc["exception"], key)
+                exc = loads_signed(doc["exception"], key, bound)
             except SignatureError:
                 raise
             except PayloadError:

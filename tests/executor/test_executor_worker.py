@@ -19,6 +19,7 @@ from htcgrid_executor.worker import (
     pickle_args,
     pickle_chunk,
     pickle_function,
+    task_binding,
 )
 
 KEY = "test-secret"
@@ -197,10 +198,17 @@ def test_an_output_that_is_no_envelope_is_an_error_for_our_tasks():
     assert not ok and isinstance(exc, PayloadError) and "lambda_handler" in str(exc)
 
 
-def test_the_envelope_is_json_and_signed():
-    answer = lambda_handler(call_task(square, 4), None)
+def test_the_envelope_is_json_and_signed_for_its_task():
+    task = call_task(square, 4)
+    answer = lambda_handler(task, None)
     json.dumps(answer)  # JSON-safe
-    assert loads_signed(answer["result"], KEY) == 16
+    assert answer["binding"] == task_binding(task)
+    assert loads_signed(answer["result"], KEY, answer["binding"]) == 16
+    with pytest.raises(SignatureError):  # signed for this task only
+        loads_signed(answer["result"], KEY)
+    other = task_binding(call_task(square, 5))
+    ok, error = decode_output(json.dumps(answer), KEY, binding=other)
+    assert not ok and isinstance(error, SignatureError) and "another task" in str(error)
 
 
 def test_plain_data_and_by_value_objects_both_round_trip():

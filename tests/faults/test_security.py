@@ -264,8 +264,6 @@ def test_a_client_holding_another_key_is_refused_by_the_agents(make_grid, figure
     figures["tampered_payloads_refused"] += 1
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a signed output is not bound to its task, so one "
-                                       "task's output copied onto another's key is accepted as its result")
 @pytest.mark.timeout(60)
 def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector):
     grid = make_grid(workers=1)
@@ -278,4 +276,4 @@ def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector):
     futures = HTCGridExecutor.attach([response], config=grid.client_config, broken_after_sec=10)
     assert futures[0].result(timeout=30) == 4
     with pytest.raises(SignatureError):
-        futures[1].result(timeout=30)  # today: 4, the first task's result
+        futures[1].result(timeout=30)  # made for the first task: refused
