@@ -73,7 +73,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
         return
     terminalreporter.section("fault-test figures (docs/reliability.md)")
     for key, label in FIGURE_LABELS.items():
-        if key in FIGURES or key == "results_lost":
+        if key in FIGURES or key in ("results_lost", "duplicate_resolutions"):
             terminalreporter.write_line(f"{FIGURES.get(key, 0):>10,}  {label}")
     path = os.environ.get("HTCGRID_FAULT_FIGURES")
     if path:

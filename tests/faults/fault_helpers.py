@@ -50,6 +50,7 @@ class DoneCounter:
         with self._lock:
             missing = [i for i in range(len(self.futures)) if self.calls[i] == 0]
             twice = {i: n for i, n in self.calls.items() if n > 1}
+        FIGURES["duplicate_resolutions"] += len(twice)
         assert not missing, f"{len(missing)} futures never resolved, e.g. {missing[:5]}"
         assert not twice, f"futures resolved more than once: {twice}"
 
