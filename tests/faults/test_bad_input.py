@@ -12,7 +12,7 @@ import time
 
 import fault_tasks
 import pytest
-from fault_helpers import FAST
+from fault_helpers import FAST, wait_for
 
 from htcgrid_executor import (
     BadRequestError,
@@ -243,4 +243,30 @@ def test_a_huge_task_list_is_one_session_that_can_be_cancelled_and_cleaned_up(ma
     connector.delete_session_data(response)
     assert not any(k for k in grid.redis.scan_iter(match=f"{response['session_id']}*", count=10_000))
     assert sent_in < 60
+    figures["bad_inputs"] += 1
+
+
+@pytest.mark.xfail(strict=True, reason="bug: an agent whose output write is refused by a full Redis "
+                                       "(OOM, noeviction) exits with code 1, and its replacement reruns "
+                                       "the released task and dies again: a crash loop that stops the grid")
+@pytest.mark.timeout(90)
+def test_a_result_the_full_data_plane_cannot_take_fails_alone(make_grid, make_executor, figures):
+    """Redis refuses writes once full (``maxmemory``, never evicting): a result that does not fit
+    fails its future with a clear error, and the agent goes on with the next call."""
+    grid = make_grid(workers=1)
+    executor = make_executor(grid)
+    assert executor.submit(fault_tasks.square, 2).result(timeout=30) == 4
+    (agent,) = grid.agent_pids()
+    limit = grid.redis.info("memory")["used_memory"] + 3 * 2**20
+    grid.redis.config_set("maxmemory", limit)
+    try:
+        too_big = executor.submit(fault_tasks.return_bytes, 8_000_000)
+        error = too_big.exception(timeout=10)
+        assert isinstance(error, GridError) and "memory" in str(error).lower(), error
+        # Redis frees the refused write's buffers within a few seconds; then the grid serves again
+        wait_for(lambda: grid.redis.info("memory")["used_memory"] < limit, timeout=15, interval=0.2)
+        assert executor.submit(fault_tasks.square, 3).result(timeout=15) == 9
+        assert grid.agent_pids() == [agent]
+    finally:
+        grid.redis.config_set("maxmemory", 0)
     figures["bad_inputs"] += 1
