@@ -265,7 +265,7 @@ def test_a_client_holding_another_key_is_refused_by_the_agents(make_grid, figure
 
 
 @pytest.mark.timeout(60)
-def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector):
+def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector, figures):
     grid = make_grid(workers=1)
     connector = make_connector(grid)
     response = connector.send([_executor_task(grid, fault_tasks.square, 2),
@@ -277,3 +277,4 @@ def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector):
     assert futures[0].result(timeout=30) == 4
     with pytest.raises(SignatureError):
         futures[1].result(timeout=30)  # made for the first task: refused
+    figures["tampered_payloads_refused"] += 1
