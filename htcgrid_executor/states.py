@@ -8,7 +8,7 @@ the tests and the docs read the same lifecycle::
                         ▲  ▲                 │  │
                         │  └─────release─────┘  ├──expire (retries left)──▶ pending
                         │                       ├──expire (no retries left)▶ failed
-                        │                       └──time_out (over its limit)▶ failed
+                        │                       └──fail (time limit, output refused)▶ failed
                   pending, processing ──cancel──▶ cancelled
 """
 
@@ -48,7 +48,8 @@ class Transition(str, enum.Enum):
     COMPLETE = "complete"
     RELEASE = "release"  # an agent gives a claimed task back unrun (its runner was stopped for another task)
     EXPIRE = "expire"  # its worker was lost: heartbeat expired (TTL checker) or the runner process died
-    TIME_OUT = "time_out"  # the agent stopped a task that ran over its time limit: failed, not retried
+    FAIL = "fail"  # the agent gives up on a task it runs: over its time limit, or its output was
+    # refused by the data plane (full); failed with the reason, not retried
     CANCEL = "cancel"
 
 
@@ -62,7 +63,7 @@ TRANSITIONS: dict[Transition, tuple[frozenset[TaskState | None], frozenset[TaskS
     Transition.COMPLETE: (frozenset({_R}), frozenset({TaskState.FINISHED})),
     Transition.RELEASE: (frozenset({_R}), frozenset({_P})),
     Transition.EXPIRE: (frozenset({_R}), frozenset({_P, TaskState.FAILED})),
-    Transition.TIME_OUT: (frozenset({_R}), frozenset({TaskState.FAILED})),
+    Transition.FAIL: (frozenset({_R}), frozenset({TaskState.FAILED})),
     Transition.CANCEL: (frozenset({_P, _R}), frozenset({TaskState.CANCELLED})),
 }
 

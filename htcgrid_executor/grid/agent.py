@@ -163,7 +163,7 @@ class Agent:
     def run(self) -> None:
         """Claim and run tasks until :attr:`stop_event` is set; then give back what is unstarted."""
         watcher = threading.Thread(target=self._watch, name="htcgrid-agent-watcher", daemon=True)
-        self.table.heartbeat(self.agent_id, [], self.lease_ms)  # register before the first claim
+        self._register()
         watcher.start()
         with self._lock:  # start the runner now: the first task should not wait for its imports
             self._runner = _Runner(self.settings)
@@ -191,8 +191,10 @@ class Agent:
                     backoff = 0.05
                 except StopRequested:
                     break
-                except redis.exceptions.ConnectionError as exc:
-                    logger.warning("agent %s: redis unreachable (%s); retrying in %.1fs",
+                except redis.exceptions.RedisError as exc:
+                    # unreachable, restarting, or refusing (a full Redis): wait and try again; an
+                    # agent, often alone on its machine, must outlive the outage
+                    logger.warning("agent %s: redis failed (%s); retrying in %.1fs",
                                    self.agent_id, exc, backoff)
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -212,6 +214,20 @@ class Agent:
                 self.table.unregister(self.agent_id)
             except redis.exceptions.RedisError:
                 pass  # the leases expire and the TTL checker requeues them
+
+    def _register(self) -> None:
+        """Join the grid (the agents set that claims share work by), waiting out a Redis that is
+        not there yet: an agent started from the CLI has no supervisor to start it again."""
+        backoff = 0.05
+        while not self.stop_event.is_set():
+            try:
+                self.table.heartbeat(self.agent_id, [], self.lease_ms)
+                return
+            except redis.exceptions.RedisError as exc:
+                logger.warning("agent %s: cannot join the grid yet (%s); retrying in %.1fs",
+                               self.agent_id, exc, backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     def _claim_size(self) -> int:
         limit = self.settings.max_tasks_per_child
@@ -337,7 +353,13 @@ class Agent:
         with self._lock:
             outputs, to_release = dict(self._unflushed), sorted(self._to_release)
         if outputs:
-            self.table.complete(self.agent_id, outputs)  # raises while Redis is away: run() waits
+            try:
+                self.table.complete(self.agent_id, outputs)  # raises while Redis is away: run() waits
+            except redis.exceptions.ResponseError as exc:
+                if not _is_full(exc):
+                    raise
+                self._refused(outputs, exc)
+                return
             with self._lock:
                 for task_id in outputs:
                     self._forget(task_id)
@@ -381,7 +403,7 @@ class Agent:
                 unfinished.append(current)
             elif why == "timeout":
                 reason = f"ran over its time limit of {limits[index] / 1000:g} s and was stopped"
-                self.table.time_out(self.agent_id, current, reason)
+                self.table.fail(self.agent_id, current, reason)
                 logger.info("agent %s: %s %s", self.agent_id, current, reason)
             else:
                 reason = f"its runner process died ({how}) while running it"
@@ -398,6 +420,11 @@ class Agent:
             return
         try:
             self.table.complete(self.agent_id, outputs)
+        except redis.exceptions.ResponseError as exc:
+            if not _is_full(exc):
+                raise
+            self._refused(outputs, exc)
+            return
         except redis.exceptions.RedisError as exc:
             with self._lock:
                 self._unflushed.update(outputs)
@@ -407,6 +434,32 @@ class Agent:
         with self._lock:
             for task_id in outputs:
                 self._forget(task_id)
+
+    def _refused(self, outputs: dict[str, bytes], exc: Exception) -> None:
+        """The data plane is full and refused these outputs (Redis runs with noeviction, so it
+        never drops data to make room): each task fails alone, with the reason, instead of being
+        retried into the same wall. The failure itself is a small write, retried for a while:
+        Redis stays over its limit until it has freed the refused write's buffers."""
+        for task_id, output in outputs.items():
+            reason = (f"the data plane is out of memory and refused its output of {len(output)} "
+                      "bytes; free memory on the grid's Redis or return less")
+            deadline = time.monotonic() + self.settings.lease_sec
+            delay = 0.05
+            while True:
+                try:
+                    self.table.fail(self.agent_id, task_id, reason)
+                    break
+                except redis.exceptions.RedisError as again:
+                    if time.monotonic() + delay > deadline or self.stop_event.is_set():
+                        # forgotten all the same: its lease lapses, the TTL checker decides
+                        logger.warning("agent %s: cannot fail %s either: %s", self.agent_id, task_id, again)
+                        break
+                    self.stop_event.wait(delay)
+                    delay = min(delay * 2, 0.5)
+            with self._lock:
+                self._forget(task_id)
+                self._unflushed.pop(task_id, None)
+        logger.warning("agent %s: data plane full (%s): %d outputs refused", self.agent_id, exc, len(outputs))
 
     def _give_back(self, task_ids: list[str]) -> None:
         with self._lock:
@@ -461,6 +514,11 @@ class Agent:
                     # it may have checked the flag already, so it must be stopped
                     if runner.running_index == index:
                         runner.kill()
+
+
+def _is_full(exc: redis.exceptions.ResponseError) -> bool:
+    """Redis refused a write for want of memory (also when the write was inside a script)."""
+    return "OOM command not allowed" in str(exc)
 
 
 def main() -> int:

@@ -326,7 +326,7 @@ return #due
 """
 
 # ARGV: retention, agent, reason, tid -> 1 if failed
-_TIME_OUT = r"""
+_FAIL = r"""
 local agent, reason, tid = ARGV[2], ARGV[3], ARGV[4]
 local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
 if t[1] ~= 'processing' or t[2] ~= agent then return 0 end
@@ -398,7 +398,7 @@ class StateTable:
             for name, body in (
                 ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT),
                 ("complete", _COMPLETE), ("release", _RELEASE), ("expire", _EXPIRE),
-                ("expire_due", _EXPIRE_DUE), ("time_out", _TIME_OUT), ("cancel", _CANCEL),
+                ("expire_due", _EXPIRE_DUE), ("fail", _FAIL), ("cancel", _CANCEL),
             )
         }
 
@@ -447,9 +447,10 @@ class StateTable:
         state = self._run("expire", agent, reason, task_id)
         return TaskState(state.decode()) if state else None
 
-    def time_out(self, agent: str, task_id: str, reason: str) -> bool:
-        """Fail a task that ran over its time limit (not retried)."""
-        return bool(self._run("time_out", agent, reason, task_id))
+    def fail(self, agent: str, task_id: str, reason: str) -> bool:
+        """Fail a task its agent gives up on (time limit, output refused), with ``reason``; not
+        retried. Only the owner of a task still processing may."""
+        return bool(self._run("fail", agent, reason, task_id))
 
     def unregister(self, agent: str) -> None:
         self.redis.zrem(key_for("agents"), agent)

@@ -246,9 +246,6 @@ def test_a_huge_task_list_is_one_session_that_can_be_cancelled_and_cleaned_up(ma
     figures["bad_inputs"] += 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an agent whose output write is refused by a full Redis "
-                                       "(OOM, noeviction) exits with code 1, and its replacement reruns "
-                                       "the released task and dies again: a crash loop that stops the grid")
 @pytest.mark.timeout(90)
 def test_a_result_the_full_data_plane_cannot_take_fails_alone(make_grid, make_executor, figures):
     """Redis refuses writes once full (``maxmemory``, never evicting): a result that does not fit

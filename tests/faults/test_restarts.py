@@ -194,8 +194,6 @@ def test_a_grid_that_lost_its_state_fails_the_futures_instead_of_hanging(make_gr
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Agent.run registers (a heartbeat) before its retry loop: an "
-                                       "agent started while Redis is unreachable exits with code 1")
 @pytest.mark.timeout(60)
 def test_an_agent_started_while_redis_is_down_waits_for_it_and_then_works(make_grid, make_executor):
     """An agent that joins from another machine (``htcgrid-executor agent``) has no supervisor to
