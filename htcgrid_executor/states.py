@@ -1,8 +1,10 @@
 """Task states and the one table of the transitions between them.
 
-The state table in Redis (``grid/state_table.py``) is the only writer of a task's state and
-checks every change against :data:`TRANSITIONS`; this module is pure so that the client,
-the tests and the docs read the same lifecycle::
+The state table in Redis (``grid/state_table.py``) is the only writer of a task's state: one Lua
+script per :class:`Transition`, each checking its legal source states itself. The hypothesis
+state machine over those scripts (``tests/grid/test_state_table_stateful.py``) checks every
+change it sees against :data:`TRANSITIONS`. This module is pure, so that the client, the tests and
+the docs read the same lifecycle::
 
     (new) ──submit──▶ pending ──claim──▶ processing ──complete──▶ finished
                         ▲  ▲                 │  │

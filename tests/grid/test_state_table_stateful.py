@@ -1,6 +1,7 @@
 """A hypothesis state machine drives the state table with random submits, claims, heartbeats,
 completions, releases, crashes, expiries and cancels, and checks after every step that no task
-is lost, none ends twice, and every count agrees with a simple model."""
+is lost, none ends twice, every count agrees with a simple model, and every change the Lua
+scripts make is one that ``states.TRANSITIONS`` allows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from htcgrid_executor import wire
 from htcgrid_executor.grid.redis_server import RedisServer
 from htcgrid_executor.grid.state_table import StateTable, key_for
+from htcgrid_executor.states import TaskState, Transition, is_allowed
 
 AGENTS = ["agent-a", "agent-b"]
 MAX_RETRIES = 2
@@ -43,6 +45,12 @@ class StateTableMachine(RuleBasedStateMachine):
         self.priority: dict[str, int] = {}
         self.sessions: dict[str, int] = {}
 
+    def _move(self, transition: Transition, tid: str, new: str) -> None:
+        """Record a change the state table made, checking it against the lifecycle's table."""
+        old = TaskState(self.state[tid]) if tid in self.state else None
+        assert is_allowed(transition, old, TaskState(new)), f"{transition.value}: {old} -> {new}"
+        self.state[tid] = new
+
     def _tasks(self, state: str, agent: str | None = None) -> list[str]:
         return sorted(t for t, s in self.state.items()
                       if s == state and (agent is None or self.owner.get(t) == agent))
@@ -55,7 +63,7 @@ class StateTableMachine(RuleBasedStateMachine):
         assert not self.table.submit(sid, count, priority=priority)  # repeated: no-op
         self.sessions[sid] = count
         for tid in wire.task_ids_for(sid, count):
-            self.state[tid] = "pending"
+            self._move(Transition.SUBMIT, tid, "pending")
             self.priority[tid] = priority
 
     @rule(agent=st.sampled_from(AGENTS), batch=st.integers(1, 4))
@@ -68,7 +76,7 @@ class StateTableMachine(RuleBasedStateMachine):
         assert len(claimed) <= batch
         for tid in claimed:
             assert self.state[tid] == "pending"
-            self.state[tid] = "processing"
+            self._move(Transition.CLAIM, tid, "processing")
             self.owner[tid] = agent
         still_pending = self._tasks("pending")
         if claimed and still_pending:  # highest priority first
@@ -92,14 +100,14 @@ class StateTableMachine(RuleBasedStateMachine):
         allowed = self.state[tid] == "processing" and self.owner[tid] == agent
         assert done == ([tid] if allowed else [])
         if allowed:
-            self.state[tid] = "finished"
+            self._move(Transition.COMPLETE, tid, "finished")
 
     @rule(agent=st.sampled_from(AGENTS))
     def release(self, agent):
         mine = self._tasks("processing", agent)
         assert self.table.release(agent, mine) == len(mine)
         for tid in mine:
-            self.state[tid] = "pending"
+            self._move(Transition.RELEASE, tid, "pending")
 
     @precondition(lambda self: self._tasks("processing"))
     @rule(data=st.data())
@@ -120,7 +128,7 @@ class StateTableMachine(RuleBasedStateMachine):
         expected = "failed" if self.retries[tid] >= MAX_RETRIES else "pending"
         assert new_state == expected
         self.retries[tid] += expected == "pending"
-        self.state[tid] = expected
+        self._move(Transition.EXPIRE, tid, expected)
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data())
@@ -134,7 +142,7 @@ class StateTableMachine(RuleBasedStateMachine):
                           "total_cancelled_tasks": pending + processing}
         for tid in tids:
             if self.state[tid] not in TERMINAL:
-                self.state[tid] = "cancelled"
+                self._move(Transition.CANCEL, tid, "cancelled")
 
     @precondition(lambda self: self.state)
     @rule(data=st.data())
@@ -143,7 +151,7 @@ class StateTableMachine(RuleBasedStateMachine):
         answer = self.table.cancel_tasks([tid])
         assert answer["total_cancelled_tasks"] == (self.state[tid] not in TERMINAL)
         if self.state[tid] not in TERMINAL:
-            self.state[tid] = "cancelled"
+            self._move(Transition.CANCEL, tid, "cancelled")
 
     # -- invariants -------------------------------------------------------------------------
     @invariant()
