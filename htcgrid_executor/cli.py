@@ -86,6 +86,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         path = grid.write_client_config(args.config_out)
         print(f"local grid at {grid.url} with {args.workers if args.workers is not None else os.cpu_count()} "
               f"agents; client config written to {path} (owner-only)", flush=True)
+        print(f"dashboard (the URL holds the grid's key): {grid.dashboard_url}", flush=True)
         print("add agents from another shell: htcgrid-executor agent --config " + str(path), flush=True)
         print("stop with Ctrl-C", flush=True)
         _wait_for_signal()

@@ -38,6 +38,7 @@ from ..wire import (
     session_of,
     task_ids_for,
 )
+from .dashboard import Dashboard
 from .state_table import MAX_PRIORITY, StateTable, key_for
 
 __all__ = ["ControlPlaneServer", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS"]
@@ -233,10 +234,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._serve("GET")
+        if not self.server.dashboard.serve(self, "GET"):
+            self._serve("GET")
 
     def do_POST(self) -> None:  # noqa: N802
-        self._serve("POST")
+        if not self.server.dashboard.serve(self, "POST"):
+            self._serve("POST")
 
     def do_PUT(self) -> None:  # noqa: N802
         self._serve("PUT")
@@ -327,6 +330,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], routes: _Routes, api_key: str) -> None:
         self.routes = routes
         self.api_key = api_key
+        self.dashboard = Dashboard(routes.table, api_key)  # its routes: /dashboard...
         self.requests_served = 0
         self._count_lock = threading.Lock()
         self._connections: set[socket.socket] = set()

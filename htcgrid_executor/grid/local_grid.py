@@ -29,6 +29,7 @@ import threading
 import weakref
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -289,6 +290,12 @@ class LocalGrid:
         if self._http is None:
             raise RuntimeError("the grid is not started")
         return self._http.url
+
+    @property
+    def dashboard_url(self) -> str:
+        """The live dashboard's address (``/dashboard`` on the control plane), with the grid's key
+        in its query: whoever has this URL has the key, so share it as you would the key."""
+        return f"{self.url}/dashboard?key={quote(self.api_key, safe='')}"
 
     @property
     def requests_served(self) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from ..states import TaskState
+from ..wire import output_key
 
 __all__ = ["StateTable", "Claim", "Event", "PREFIX", "key_for"]
 
@@ -527,6 +528,68 @@ class StateTable:
         import time as _time  # agents register with Redis time; local time is close enough here
 
         return [a.decode() for a in self.redis.zrangebyscore(key_for("agents"), int(_time.time() * 1000), "+inf")]
+
+    # -- reads for the dashboard (none of them writes) ----------------------------------------
+    def time_ms(self) -> int:
+        """Redis's clock in ms: the clock of stream ids, leases and agent registrations."""
+        seconds, micros = self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def session_ids(self) -> list[str]:
+        """Ids of every session the table holds (running, or ended within the retention period).
+
+        A SCAN of the keyspace (no index of sessions is kept, as nothing but submit may write),
+        in large steps: a few round trips even with a million data-plane keys."""
+        prefix = key_for("session")
+        return [key.decode()[len(prefix):] for key in
+                self.redis.scan_iter(match=prefix + "*", count=10_000, _type="HASH")]
+
+    def sessions_overview(self, session_ids: list[str]) -> dict[str, dict[str, int]]:
+        """:meth:`session_info` of each session plus its ``submitted_ms``, in one round trip;
+        sessions that are gone (expired meanwhile) are left out."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.hgetall(key_for("session", sid))
+        overview = {}
+        for sid, raw in zip(session_ids, pipe.execute(), strict=True):
+            if not raw:
+                continue
+            info = {name: int(raw.get(name.encode(), 0)) for name in (
+                "count", "processing", "finished", "failed", "cancelled", "priority", "submitted_ms")}
+            ended = info["finished"] + info["failed"] + info["cancelled"]
+            info["pending"] = info["count"] - ended - info["processing"]
+            overview[sid] = info
+        return overview
+
+    def agent_registrations(self) -> dict[str, int]:
+        """Every registered agent → when its registration expires (ms, Redis clock; each
+        heartbeat moves it to then + the agent's lease), expired ones included."""
+        return {agent.decode(): int(expiry)
+                for agent, expiry in self.redis.zrange(key_for("agents"), 0, -1, withscores=True)}
+
+    def processing_owners(self) -> dict[str, str]:
+        """Every processing task (those holding a lease) → the agent that owns it."""
+        task_ids = [t.decode() for t in self.redis.zrange(key_for("leases"), 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(key_for("task", task_id), "owner")
+        return {task_id: owner.decode() for task_id, owner in zip(task_ids, pipe.execute(), strict=True)
+                if owner is not None and owner != b"None"}
+
+    def output_heads(self, task_ids: list[str], size: int) -> dict[str, bytes]:
+        """The first ``size`` bytes of each task's ``<task_id>-output`` in the data plane (as
+        stored: base64), for those that have one."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.getrange(output_key(task_id), 0, size - 1)
+        return {task_id: head for task_id, head in zip(task_ids, pipe.execute(), strict=True) if head}
+
+    def outputs(self, task_ids: list[str]) -> dict[str, bytes]:
+        """Each task's ``<task_id>-output`` as stored (base64), for those that have one."""
+        if not task_ids:
+            return {}
+        return {task_id: raw for task_id, raw in zip(task_ids, self.redis.mget(
+            [output_key(t) for t in task_ids]), strict=True) if raw is not None}
 
 
 def _counts(pending: int, processing: int) -> dict[str, int]:
