@@ -75,6 +75,7 @@ class GridView:
         self._lock = threading.Lock()
         self._cursors: dict[str, str] = {}  # session -> last event read
         self._ended_seen: dict[str, int] = {}  # session -> terminal tasks counted when last read
+        self._raised: collections.Counter[str] = collections.Counter()  # session -> tasks seen raising
         self._buckets: dict[int, list[int]] = {}  # start ms -> [ended, failed]
         self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_FAILURES)
         self._beats: dict[str, tuple[int, int | None]] = {}  # agent -> (expiry, when it last moved)
@@ -104,6 +105,7 @@ class GridView:
             if sid not in overview:  # expired: forget it
                 del self._cursors[sid]
                 self._ended_seen.pop(sid, None)
+                self._raised.pop(sid, None)
         finished: list[tuple[str, int]] = []
         for sid, info in overview.items():
             ended = info["finished"] + info["failed"] + info["cancelled"]
@@ -127,9 +129,10 @@ class GridView:
         self._find_raised(finished)
         for start in [s for s in self._buckets if s < now - WINDOW_MS - BUCKET_MS]:
             del self._buckets[start]
-        running = [dict(info, id=sid) for sid, info in overview.items()
+        # "raised": finished tasks whose function raised, as far as the dashboard saw them
+        running = [dict(info, id=sid, raised=self._raised[sid]) for sid, info in overview.items()
                    if info["pending"] + info["processing"] > 0]
-        ended = [dict(info, id=sid) for sid, info in overview.items()
+        ended = [dict(info, id=sid, raised=self._raised[sid]) for sid, info in overview.items()
                  if info["pending"] + info["processing"] <= 0]
         ended.sort(key=lambda s: s["submitted_ms"], reverse=True)
         shown = running + ended[:MAX_ENDED_SESSIONS]
@@ -156,8 +159,9 @@ class GridView:
                 bucket = self._buckets.get(when[task_id] - when[task_id] % BUCKET_MS)
                 if bucket is not None:
                     bucket[1] += 1
-                self._failures.appendleft(_failure(task_id, task_id.rpartition("_")[0], when[task_id],
-                                                   reason, trace))
+                sid = task_id.rpartition("_")[0]
+                self._raised[sid] += 1
+                self._failures.appendleft(_failure(task_id, sid, when[task_id], reason, trace))
 
     def _chart(self, now: int) -> dict[str, Any]:
         first = now - now % BUCKET_MS - WINDOW_MS + BUCKET_MS

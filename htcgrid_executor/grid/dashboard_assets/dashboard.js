@@ -21,7 +21,7 @@
   }
 
   function age(ms) {
-    if (ms === null || ms === undefined) return "…";
+    if (ms === null || ms === undefined) return "waiting for a beat";  // seen none happen yet
     return ms < 1000 ? "<1 s ago" : (ms / 1000).toFixed(ms < 10000 ? 1 : 0) + " s ago";
   }
 
@@ -96,6 +96,9 @@
       row.querySelector(".submitted").textContent = clock(session.submitted_ms);
       row.querySelector('[data-state="count"]').textContent = session.count;
       for (const state of STATES) row.querySelector('[data-state="' + state + '"]').textContent = session[state];
+      const raised = row.querySelector('[data-state="finished"]');
+      raised.dataset.raised = session.raised;
+      if (session.raised > 0) raised.appendChild(el("span", {"class": "raised"}, " (" + session.raised + " raised)"));
       for (const span of row.querySelectorAll(".bar span")) {
         span.style.width = (100 * session[span.className] / Math.max(1, session.count)) + "%";
       }
