@@ -52,11 +52,13 @@ MAX_TRACEBACK_CHARS = 8_000  # the end of a longer traceback is shown
 _EVENTS_PER_READ = 20_000  # a big session's backlog is read over several refreshes
 _SNAPSHOT_TTL_SEC = 0.5  # several open pages share one reading of the grid
 _GONE_AGENT_MS = 60_000  # an agent silent this long after its registration expired is not shown
-# An output envelope of a task that raised starts with one of these (the runner writes the
-# worker's answer with json.dumps, keys in the worker's order); the head tells a failure from a
-# result without reading a result.
-_FAILED_HEADS = (f'{{"{TASK_MARKER}": 1, "ok": false'.encode(), b'{"errorMessage"')
-_HEAD_B64_CHARS = 64  # 48 bytes of text: longer than every head above
+_SCAN_STEPS = 2  # SCAN calls (of 10,000 keys) per refresh: a big keyspace is looked through over time
+# The output of a task that raised starts with one of these texts (the runner writes the worker's
+# answer with json.dumps, keys in the worker's order): the head tells a failure from a result
+# without reading the result. Outputs are stored as base64: compared in base64, on whole
+# 3-byte groups.
+_FAILED_HEADS = [base64.b64encode(text[:len(text) // 3 * 3]) for text in (
+    f'{{"{TASK_MARKER}": 1, "ok": false'.encode(), b'{"errorMessage"')]
 _KEY_IN_REQUEST_LINE = re.compile(r"([?&]key=)[^&\s]*")
 
 
@@ -80,6 +82,8 @@ class GridView:
         self._failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_FAILURES)
         self._beats: dict[str, tuple[int, int | None]] = {}  # agent -> (expiry, when it last moved)
         self._snapshot: tuple[float, dict[str, Any]] | None = None
+        self._known: set[str] | None = None  # sessions found so far (None: not looked yet)
+        self._scan_cursor = 0
 
     def snapshot(self) -> dict[str, Any]:
         """The grid as the page shows it (a JSON-safe dict). Raises redis errors."""
@@ -87,11 +91,12 @@ class GridView:
             if self._snapshot is not None and time.monotonic() - self._snapshot[0] < _SNAPSHOT_TTL_SEC:
                 return self._snapshot[1]
             now = self.table.time_ms()
-            sessions = self._read_sessions(now)
+            owners = self.table.processing_owners()
+            sessions = self._read_sessions(now, {task_id.rpartition("_")[0] for task_id in owners})
             snapshot = {
                 "now_ms": now,
                 "sessions": sessions,
-                "agents": self._read_agents(now),
+                "agents": self._read_agents(now, owners),
                 "throughput": self._chart(now),
                 "failures": list(self._failures),
             }
@@ -99,8 +104,27 @@ class GridView:
             return snapshot
 
     # -- sessions, and from their events the chart and the failures -------------------------------
-    def _read_sessions(self, now: int) -> list[dict[str, Any]]:
-        overview = self.table.sessions_overview(self.table.session_ids())
+    def _find_sessions(self, running: set[str]) -> set[str]:
+        """Every session: those of processing tasks and the newest queued ones at once, the
+        others (ended, or queued behind others) through a SCAN spread over refreshes."""
+        known = self._known
+        if known is None:  # the first look sees everything
+            known = set()
+            cursor = None
+            while cursor != 0:
+                cursor, found = self.table.scan_sessions(cursor or 0)
+                known.update(found)
+        else:
+            for _ in range(_SCAN_STEPS):
+                self._scan_cursor, found = self.table.scan_sessions(self._scan_cursor)
+                known.update(found)
+                if self._scan_cursor == 0:
+                    break
+        return known | running | self.table.newest_queued_sessions()
+
+    def _read_sessions(self, now: int, running: set[str]) -> list[dict[str, Any]]:
+        overview = self.table.sessions_overview(sorted(self._find_sessions(running)))
+        self._known = set(overview)
         for sid in list(self._cursors):
             if sid not in overview:  # expired: forget it
                 del self._cursors[sid]
@@ -146,14 +170,7 @@ class GridView:
         when = dict(finished)
         for start in range(0, len(finished), 1000):
             ids = [task_id for task_id, _ in finished[start:start + 1000]]
-            failed = []
-            for task_id, head in self.table.output_heads(ids, _HEAD_B64_CHARS).items():
-                try:
-                    text = base64.b64decode(head[:len(head) - len(head) % 4])
-                except (binascii.Error, ValueError):
-                    continue
-                if text.startswith(_FAILED_HEADS):
-                    failed.append(task_id)
+            failed = self.table.outputs_starting_with(ids, _FAILED_HEADS)
             for task_id, raw in self.table.outputs(failed).items():
                 reason, trace = _reason_of_output(raw)
                 bucket = self._buckets.get(when[task_id] - when[task_id] % BUCKET_MS)
@@ -174,10 +191,10 @@ class GridView:
         }
 
     # -- agents -----------------------------------------------------------------------------------
-    def _read_agents(self, now: int) -> list[dict[str, Any]]:
+    def _read_agents(self, now: int, owners: dict[str, str]) -> list[dict[str, Any]]:
         registrations = self.table.agent_registrations()
         held: dict[str, list[str]] = {}
-        for task_id, owner in sorted(self.table.processing_owners().items()):
+        for task_id, owner in sorted(owners.items(), key=lambda item: _task_order(item[0])):
             held.setdefault(owner, []).append(task_id)
         for agent in list(self._beats):
             if agent not in registrations:
@@ -199,6 +216,11 @@ class GridView:
                 "tasks": held.get(agent, []),
             })
         return agents
+
+
+def _task_order(task_id: str) -> tuple[str, int]:
+    sid, _, index = task_id.rpartition("_")
+    return sid, int(index) if index.isdigit() else 0
 
 
 def _failure(task_id: str, session_id: str, at_ms: int, reason: str, trace: str) -> dict[str, Any]:

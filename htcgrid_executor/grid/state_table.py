@@ -384,6 +384,22 @@ return out
 """
 
 
+# KEYS: keys; ARGV: prefixes -> the (1-based) indices of the keys whose value starts with one.
+# Read-only: the dashboard's check of outputs, run where the outputs are.
+_STARTING_WITH = r"""
+local longest = 0
+for _, prefix in ipairs(ARGV) do longest = math.max(longest, #prefix) end
+local found = {}
+for i, key in ipairs(KEYS) do
+  local head = redis.call('GETRANGE', key, 0, longest - 1)
+  for _, prefix in ipairs(ARGV) do
+    if string.sub(head, 1, #prefix) == prefix then found[#found + 1] = i; break end
+  end
+end
+return found
+"""
+
+
 class StateTable:
     """Python face of the Lua transitions. ``client`` is a redis-py client (decode_responses off).
 
@@ -402,6 +418,7 @@ class StateTable:
                 ("expire_due", _EXPIRE_DUE), ("fail", _FAIL), ("cancel", _CANCEL),
             )
         }
+        self._starting_with = client.register_script(_STARTING_WITH)
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._scripts[name](args=[self.retention_ms, *args])
@@ -535,14 +552,23 @@ class StateTable:
         seconds, micros = self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
-    def session_ids(self) -> list[str]:
-        """Ids of every session the table holds (running, or ended within the retention period).
-
-        A SCAN of the keyspace (no index of sessions is kept, as nothing but submit may write),
-        in large steps: a few round trips even with a million data-plane keys."""
+    def scan_sessions(self, cursor: int = 0, count: int = 10_000) -> tuple[int, list[str]]:
+        """One step of a SCAN of the keyspace for session hashes: ``(next cursor, session ids)``,
+        about ``count`` keys looked at; the cursor is 0 again when the whole keyspace was seen.
+        (No index of sessions is kept, as nothing but the transitions writes; a caller spreads
+        the scan of a big keyspace over time.)"""
         prefix = key_for("session")
-        return [key.decode()[len(prefix):] for key in
-                self.redis.scan_iter(match=prefix + "*", count=10_000, _type="HASH")]
+        cursor, keys = self.redis.scan(cursor, match=prefix + "*", count=count, _type="HASH")
+        return int(cursor), [key.decode()[len(prefix):] for key in keys]
+
+    def newest_queued_sessions(self) -> set[str]:
+        """The session of the last task of each priority's queue: a session just submitted
+        (submit appends its tasks there), found without a scan."""
+        priorities = self.redis.zrange(key_for("queues"), 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for priority in priorities:
+            pipe.lindex(key_for("queue", priority.decode()), -1)
+        return {task_id.decode().rpartition("_")[0] for task_id in pipe.execute() if task_id}
 
     def sessions_overview(self, session_ids: list[str]) -> dict[str, dict[str, int]]:
         """:meth:`session_info` of each session plus its ``submitted_ms``, in one round trip;
@@ -576,13 +602,13 @@ class StateTable:
         return {task_id: owner.decode() for task_id, owner in zip(task_ids, pipe.execute(), strict=True)
                 if owner is not None and owner != b"None"}
 
-    def output_heads(self, task_ids: list[str], size: int) -> dict[str, bytes]:
-        """The first ``size`` bytes of each task's ``<task_id>-output`` in the data plane (as
-        stored: base64), for those that have one."""
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.getrange(output_key(task_id), 0, size - 1)
-        return {task_id: head for task_id, head in zip(task_ids, pipe.execute(), strict=True) if head}
+    def outputs_starting_with(self, task_ids: list[str], heads: list[bytes]) -> list[str]:
+        """The tasks whose stored ``<task_id>-output`` starts with one of ``heads``, checked in
+        Redis (a read-only script) so that no result travels to learn it is not wanted."""
+        if not task_ids:
+            return []
+        found = self._starting_with(keys=[output_key(t) for t in task_ids], args=heads)
+        return [task_ids[int(i) - 1] for i in found]
 
     def outputs(self, task_ids: list[str]) -> dict[str, bytes]:
         """Each task's ``<task_id>-output`` as stored (base64), for those that have one."""

@@ -33,11 +33,11 @@ def running_map(grid: LocalGrid, tmp_path: Path) -> Iterator[tuple[str, HTCGridE
     """A map of TASKS calls: call 0 raises at once, the others wait for a gate (opened at the
     end). Yields (session id, executor, results) once both agents run a call and call 0 failed."""
     gate = tmp_path / "gate"
-    before = set(grid.table.session_ids())
+    before = _sessions(grid)
     executor = HTCGridExecutor(config=grid.client_config, batch_window=0.5)  # the map is one session
     try:
         results = executor.map(gated, range(TASKS), repeat(str(gate)))
-        sid = _wait(lambda: next(iter(set(grid.table.session_ids()) - before), None))
+        sid = _wait(lambda: next(iter(_sessions(grid) - before), None))
         _wait(lambda: _state(grid, sid) if _state(grid, sid)["processing"] == 2 and
               _state(grid, sid)["finished"] == 1 else None)
         yield sid, executor, results
@@ -52,6 +52,14 @@ def _wait(probe, timeout: float = 30.0):
         assert time.monotonic() < deadline, "the grid did not get there in time"
         time.sleep(0.05)
     return found
+
+
+def _sessions(grid: LocalGrid) -> set[str]:
+    cursor, found = grid.table.scan_sessions()
+    while cursor:
+        cursor, more = grid.table.scan_sessions(cursor)
+        found += more
+    return set(found)
 
 
 def _state(grid: LocalGrid, sid: str) -> dict[str, int]:
