@@ -183,3 +183,23 @@ def test_the_page_and_its_state_need_the_key_and_keep_it_out_of_the_log(grid, ca
     assert with_body.status_code == 400 and "body" in with_body.json()["error"]
     assert requests.get(grid.url + "/result", headers={"x-api-key": grid.api_key},
                         params={"submission_content": "x"}).status_code == 400
+
+
+def test_a_task_the_grid_failed_is_listed_with_the_grids_reason(grid, tmp_path):
+    before = _sessions(grid)
+    with HTCGridExecutor(config=grid.client_config, task_timeout_sec=0.3) as executor:
+        future = executor.submit(gated, 1, str(tmp_path / "never-opened"))
+        assert future.exception(timeout=30) is not None  # the grid stopped it at its time limit
+    [sid] = _sessions(grid) - before
+
+    def failure_shown():  # polled as the page does: an answer may be half a second old
+        state = requests.get(grid.url + "/dashboard/state", headers={"x-api-key": grid.api_key}).json()
+        return state if any(f["session_id"] == sid for f in state["failures"]) else None
+
+    state = _wait(failure_shown)
+    [session] = [s for s in state["sessions"] if s["id"] == sid]
+    assert (session["count"], session["failed"]) == (1, 1)
+    [failure] = [f for f in state["failures"] if f["session_id"] == sid]
+    assert failure["task_id"] == f"{sid}_0"
+    assert failure["reason"] == "ran over its time limit of 0.3 s and was stopped"
+    assert failure["traceback"] == ""  # the grid's failure: no output, so no traceback
