@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from htcgrid_executor.connector import AWSConnector
 
@@ -87,6 +88,17 @@ def test_status_and_cancel_report_per_session(running_grid):
     rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[1:]}
     assert rows[done["session_id"]] == ["1", "0", "0"]
     assert rows[slow["session_id"]] == ["0", "0", "3"]
+
+
+def test_grid_prints_its_dashboard_address_with_the_key(running_grid):
+    config, process = running_grid
+    lines = [process.stdout.readline() for _ in range(2)]
+    [url] = [line.split()[-1] for line in lines if line.startswith("dashboard")]
+    key = json.loads(config.read_text())["api_gateway_key"]
+    assert url.startswith("http://127.0.0.1:") and url.endswith(f"/dashboard?key={key}")
+    page = requests.get(url, timeout=10)
+    assert page.status_code == 200 and "<title>htcgrid-executor" in page.text
+    assert requests.get(url.partition("?")[0], timeout=10).status_code == 401
 
 
 def test_errors_are_one_line_and_a_non_zero_exit(tmp_path):
