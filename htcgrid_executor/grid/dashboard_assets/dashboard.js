@@ -203,8 +203,9 @@
       drawFailures(state.failures);
       const running = state.sessions.filter((s) => s.pending + s.processing > 0).length;
       const alive = state.agents.filter((a) => a.alive).length;
-      $("summary").textContent = running + " running sessions · " + alive + " live agents · " +
-        rate.toFixed(1) + " tasks/s over the last minute";
+      const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+      $("summary").textContent = plural(running, "running session") + " · " + plural(alive, "live agent") +
+        " · " + rate.toFixed(1) + " tasks/s over the last minute";
       showStatus("updated " + clock(state.now_ms));
       document.body.dataset.updated = state.now_ms;
     } catch (error) {
