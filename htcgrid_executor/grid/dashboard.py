@@ -98,7 +98,7 @@ class GridView:
                 "sessions": sessions,
                 "agents": self._read_agents(now, owners),
                 "throughput": self._chart(now),
-                "failures": list(self._failures),
+                "failures": sorted(self._failures, key=lambda f: f["time_ms"], reverse=True),
             }
             self._snapshot = (time.monotonic(), snapshot)
             return snapshot
