@@ -11,12 +11,15 @@ from itertools import repeat
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from chromium import BINARY, Chromium
 from dashboard_tasks import gated
 
 from htcgrid_executor import HTCGridExecutor
 from htcgrid_executor.grid import LocalGrid
+from htcgrid_executor.grid.dashboard import GridView
+from htcgrid_executor.grid.state_table import StateTable
 
 TASKS = 12
 
@@ -203,3 +206,25 @@ def test_a_task_the_grid_failed_is_listed_with_the_grids_reason(grid, tmp_path):
     assert failure["task_id"] == f"{sid}_0"
     assert failure["reason"] == "ran over its time limit of 0.3 s and was stopped"
     assert failure["traceback"] == ""  # the grid's failure: no output, so no traceback
+
+
+def test_what_the_page_shows_is_read_by_a_redis_user_that_may_not_write(grid, running_map):
+    """The dashboard's view of the grid only reads: it works as a Redis user whose ACL refuses
+    every write (commands run from its script included), and shows the running map."""
+    sid, _, _ = running_map
+    grid.redis.acl_setuser("dashboard-reader", enabled=True, passwords=["+reader-secret"], keys=["*"],
+                           commands=["-@all", "+@read", "+@connection", "+time", "+scan", "+eval",
+                                     "+evalsha", "+script", "+client"])
+    reader = redis.Redis(unix_socket_path=grid.redis_server.unix_socket, username="dashboard-reader",
+                         password="reader-secret")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):  # the ACL does bite
+            reader.set("htcgrid:probe", b"1")
+        view = GridView(StateTable(reader)).snapshot()
+        [session] = [s for s in view["sessions"] if s["id"] == sid]
+        assert (session["processing"], session["finished"], session["raised"]) == (2, 1, 1)
+        assert [f["reason"] for f in view["failures"] if f["session_id"] == sid] == ["ValueError: bad input 0"]
+        assert sorted(len(agent["tasks"]) for agent in view["agents"]) == [1, 1]
+    finally:
+        reader.close()
+        grid.redis.acl_deluser("dashboard-reader")
