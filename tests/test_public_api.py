@@ -238,7 +238,7 @@ def test_local_grid_surface():
 
     assert grid.__all__ == ["LocalGrid"]
     assert public_members(LocalGrid) == {
-        "start", "stop", "add_agents", "url", "client_config", "write_client_config",
+        "start", "stop", "add_agents", "url", "dashboard_url", "client_config", "write_client_config",
         "agent_pids", "runner_pids", "requests_served", "restart_control_plane", "restart_redis",
     }
     assert parameters(LocalGrid.__init__) == [
