@@ -304,7 +304,7 @@ class Dashboard:
                 raise _Refusal(404, f"no route {url.path}")
         except _Refusal as exc:
             self._send_json(handler, exc.status, {"error": exc.message})
-        except redis.exceptions.ConnectionError:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             self._send_json(handler, 503, {"error": "the grid's state table is unreachable; try again"})
         except Exception:  # never a traceback to the client; the log has it (not the key)
             logger.exception("dashboard: internal error in %s", method)
