@@ -44,6 +44,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigurationError, PayloadError, SignatureError
 from .payload import sign_bytes, signing_key_from_env, verify_bytes
@@ -88,7 +89,12 @@ def guard_location(config: Any) -> dict[str, Any]:
     :class:`~htcgrid_executor.connector.config.ClientConfig` names, without its secrets. Redis is
     preferred where there is one (one round trip per step); else S3."""
     if config.uses_redis:
-        return {"store": "REDIS", "redis_url": config.redis_url}
+        url = config.redis_url
+        parts = urlsplit(url) if "://" in url else None
+        if parts is not None and parts.password is not None:
+            # a password in the URL is a secret: the workers take it from their environment
+            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return {"store": "REDIS", "redis_url": url}
     return {"store": "S3", "bucket": config.s3_bucket, "region": config.region, "kms": config.s3_kms_key_id}
 
 
