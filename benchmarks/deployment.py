@@ -109,28 +109,85 @@ def _count_run(path: str, value: int) -> int:
 
 def _polls(grid: Any) -> int:
     stats = grid.stats()
-    routes = stats.get("routes") or stats.get("requests") or {}
-    return sum(v for k, v in routes.items() if "/result" in k) if isinstance(routes, dict) else -1
+    return sum(v for k, v in stats.get("requests", {}).items() if "/result" in k)
 
 
-def figures(grid: Any, config: dict[str, Any], n: int = 200) -> dict[str, Any]:
-    """map of ``n`` no-op calls (no chunksize) and one single task: seconds and /result polls."""
+class _Counted:
+    """Counts the client's data-plane calls (batched reads, writes, deletes) of one executor."""
+
+    def __init__(self, executor: Any) -> None:
+        self.calls = 0
+        store = executor._core.connector.store
+        for name in ("put_many", "get_many", "delete_many"):
+            method = getattr(store, name)
+            setattr(store, name, self._wrap(method))
+
+    def _wrap(self, method: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def _redis_commands(client: Any) -> int:
+    return int(client.info("stats")["total_commands_processed"]) if client is not None else -1
+
+
+def figures(executor: Any, polls: Any, redis_client: Any, n: int = 200) -> dict[str, Any]:
+    """map of ``n`` no-op calls (no chunksize) and 20 single tasks one by one, on ``executor``:
+    seconds, ``/result`` polls (``polls()`` counts them on the grid), the client's data-plane calls
+    and the data plane's Redis commands (every process: client, agents, handler) per call."""
+    out: dict[str, Any] = {}
+    executor.submit(_noop, 0).result(timeout=120)  # warm up (and a first call time measured)
+    counted = _Counted(executor)
+    before, commands, started = polls(), _redis_commands(redis_client), time.perf_counter()
+    assert list(executor.map(_noop, range(n))) == list(range(n))
+    out["map_sec"] = round(time.perf_counter() - started, 2)
+    out["map_result_polls"] = polls() - before
+    out["map_client_dataplane_calls_per_call"] = round(counted.calls / n, 3)
+    if redis_client is not None:
+        out["map_redis_commands_per_call"] = round((_redis_commands(redis_client) - commands) / n, 2)
+    singles = 20
+    counted.calls = 0
+    before, commands, started = polls(), _redis_commands(redis_client), time.perf_counter()
+    for i in range(singles):
+        executor.submit(_noop, i).result(timeout=120)
+    out["single_task_sec"] = round((time.perf_counter() - started) / singles, 3)
+    out["single_result_polls"] = round((polls() - before) / singles, 2)
+    out["single_client_dataplane_calls"] = round(counted.calls / singles, 2)
+    if redis_client is not None:
+        out["single_redis_commands"] = round((_redis_commands(redis_client) - commands) / singles, 1)
+    return out
+
+
+def upstream_figures(grid: Any, config: dict[str, Any], n: int = 200) -> dict[str, Any]:
+    import redis
+
     from htcgrid_executor import HTCGridExecutor
 
-    out: dict[str, Any] = {}
+    client = None
+    if grid.redis_address:
+        host, port = grid.redis_address.split(":")
+        client = redis.Redis(host=host, port=int(port), password=grid.redis_password)
     with HTCGridExecutor(config=config) as executor:
-        executor.submit(_noop, 0).result(timeout=120)  # warm up
-        before = _polls(grid)
-        started = time.perf_counter()
-        assert list(executor.map(_noop, range(n))) == list(range(n))
-        out["map_sec"] = round(time.perf_counter() - started, 2)
-        out["map_result_polls"] = _polls(grid) - before
-        before = _polls(grid)
-        started = time.perf_counter()
-        executor.submit(_noop, 1).result(timeout=120)
-        out["single_sec"] = round(time.perf_counter() - started, 2)
-        out["single_result_polls"] = _polls(grid) - before
-    return out
+        return figures(executor, lambda: _polls(grid), client, n)
+
+
+def local_figures(n: int = 200, workers: int = 3) -> dict[str, Any]:
+    """The same figures on the embedded local grid (``workers`` agents), for comparison."""
+    import redis
+
+    from htcgrid_executor import HTCGridExecutor
+
+    with HTCGridExecutor(max_workers=workers) as executor:
+        grid = executor._core.grid
+        config = grid.client_config
+        client = redis.Redis.from_url(config["redis_url"], password=config.get("redis_password") or None)
+        return figures(executor, lambda: grid.requests_served, client, n)
+
+
+def _step(text: str) -> None:
+    print(f"[deployment] {text}", file=sys.stderr, flush=True)
 
 
 def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +201,7 @@ def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
     runs = tempfile.mktemp(prefix="wt-runs-")
     Path(runs).touch()
 
+    _step("shutdown(cancel_futures=True)")
     # 1. shutdown(cancel_futures=True) with a queue behind a few long calls
     executor = HTCGridExecutor(config=config)
     futures = [executor.submit(_sleep, 1.0) for _ in range(3)] + [executor.submit(_count_run, runs, i)
@@ -157,6 +215,7 @@ def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
     out["cancelled_calls_that_ran"] = len(Path(runs).read_text().split()) - sum(
         1 for f in futures[3:] if not f.cancelled())
 
+    _step("Future.cancel()")
     # Future.cancel() returns at once; the call never runs
     Path(runs).write_text("")
     with HTCGridExecutor(config=config) as executor:
@@ -172,6 +231,7 @@ def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
     time.sleep(2.0)
     out["cancelled_victim_ran"] = "99" in Path(runs).read_text().split()
 
+    _step("504 replay")
     # 2. a 504-replayed submission runs each call once
     Path(runs).write_text("")
     grid.inject_fault("POST /submit", 504, times=1, delay=0.5)
@@ -182,6 +242,7 @@ def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
     out["replay_504_results_ok"] = values == list(range(10))
     out["replay_504_runs_per_call"] = sorted(set(counts))
 
+    _step("time limit")
     # 3. a time limit stops the call with TaskFailedError
     with HTCGridExecutor(config=config, task_timeout_sec=1) as executor:
         started = time.perf_counter()
@@ -191,6 +252,7 @@ def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
         except TaskFailedError as exc:
             out["timeout"] = f"TaskFailedError after {time.perf_counter() - started:.1f} s: {exc.reason}"
 
+    _step("retry_count=0")
     # 4. retry_count=0: a call whose pod is lost (agent and worker killed) fails
     with HTCGridExecutor(config=config, retry_count=0) as executor:
         future = executor.submit(_sleep, 6.0)
@@ -213,6 +275,7 @@ def checks(grid: Any, config: dict[str, Any]) -> dict[str, Any]:
         except CancelledError:
             out["retry_count_0"] = "cancelled"
 
+    _step("CLI status")
     # 5. CLI status of a collected session
     with HTCGridExecutor(config=config) as executor:
         executor.submit(_noop, 1).result(timeout=60)
@@ -240,24 +303,39 @@ def grid_sessions(grid: Any) -> set[str]:
     return {sid for sid, t in latest.items() if t == newest}
 
 
+def run(storages: list[str], with_checks: bool, n: int = 200, local: bool = True) -> dict[str, Any]:
+    """Figures (and checks) per storage mode on the upstream grid, and on the local grid."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
+    results: dict[str, Any] = {}
+    for storage in storages:
+        _step(f"upstream grid, {storage}: figures")
+        with upstream(storage) as (grid, config):
+            results[storage] = upstream_figures(grid, config, n)
+            if with_checks:
+                results[storage].update(checks(grid, config))
+    if local:
+        _step("local grid: figures")
+        results["local"] = local_figures(n)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.deployment")
-    parser.add_argument("--storage", default="REDIS")
-    parser.add_argument("--checks", action="store_true")
+    parser.add_argument("--storage", default="REDIS", help="REDIS, S3 or both (REDIS,S3)")
+    parser.add_argument("--checks", action="store_true", help="also the issue-10 checks")
+    parser.add_argument("--no-local", action="store_true", help="skip the local grid's figures")
     parser.add_argument("--tasks", type=int, default=200)
     args = parser.parse_args(argv)
     why = available()
     if why:
-        print(f"deployment (upstream code, emulated AWS): not available: {why}")
+        print(json.dumps({"unavailable": why}))
         return 0
-    import cloudpickle
+    import faulthandler
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
-    with upstream(args.storage) as (grid, config):
-        result = {"storage": args.storage, **figures(grid, config, args.tasks)}
-        if args.checks:
-            result.update(checks(grid, config))
-    print(json.dumps(result, indent=2))
+    faulthandler.dump_traceback_later(240, repeat=True)
+    print(json.dumps(run(args.storage.split(","), args.checks, args.tasks, not args.no_local), indent=2))
     return 0
 
 

@@ -411,17 +411,23 @@ class _Core:
             self.call_sec = sample if self.call_sec is None else 0.8 * self.call_sec + 0.2 * sample
 
     def auto_chunksize(self, items: int | None, workers: int | None) -> int:
-        """map's chunk size when the user gives none: 1 on a grid of this package; on a
-        deployment, calls enough to fill about :data:`_CHUNK_TARGET_SEC` per task at the measured
-        time per call (a deployment's per-task overhead is of the order of a second), and no more
-        than to give each of ``workers`` (default 4) two tasks of the ``items``."""
+        """map's chunk size when the user gives none: 1 on a grid of this package. On a
+        deployment, whose per-task overhead is of the order of a second, tasks of about
+        :data:`_CHUNK_TARGET_SEC` of calls at the time per call the handler measured (so
+        ``items`` calls that take less than that in all go as one task); before any measurement,
+        two tasks per worker of ``workers`` (default 4). ``items`` None (``buffersize``): chunks of
+        the measured target, else 1."""
         if not self.deployment:
             return 1
-        by_time = _MAX_AUTO_CHUNK if not self.call_sec else int(_CHUNK_TARGET_SEC / self.call_sec)
+        call_sec = self.call_sec
         if items is None:
-            return max(1, min(by_time, _MAX_AUTO_CHUNK)) if self.call_sec else 1
-        spread = -(-items // (2 * (workers or 4)))
-        return max(1, min(by_time, spread, _MAX_AUTO_CHUNK))
+            return max(1, min(int(_CHUNK_TARGET_SEC / call_sec), _MAX_AUTO_CHUNK)) if call_sec else 1
+        if not call_sec:
+            tasks = 2 * (workers or 4)
+        else:
+            tasks = -(-int(items * call_sec * 1000) // int(_CHUNK_TARGET_SEC * 1000))
+        tasks = max(1, min(items, tasks))
+        return max(1, min(-(-items // tasks), _MAX_AUTO_CHUNK))
 
     def fail_calls(self, calls: list[_Call], exc_factory: Any) -> None:
         """Resolve calls the grid will never answer for (lock not held; calls already removed)."""

@@ -218,8 +218,8 @@ class HTCGridExecutor(Executor):
 
         ``chunksize`` calls go in one grid task. None (the default) means 1 on a grid of this
         package; on a deployment, whose per-task overhead is much larger, the executor picks it
-        from the call times it measured (about a second of calls per task, at least two tasks per
-        worker of ``max_workers``, default 4). Without ``buffersize`` every call is submitted
+        from the call times its handler measured (about a second of calls per task; before any
+        measurement, two tasks per worker of ``max_workers``, default 4). Without ``buffersize`` every call is submitted
         before this returns (as the stdlib does); with it (Python 3.14 semantics) at most
         ``buffersize`` tasks are in flight: one more is submitted each time a result is taken, so
         a huge or endless iterable runs in bounded memory. The iterator raises ``TimeoutError`` if
