@@ -161,8 +161,8 @@ def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str,
             if verdict == "collected":
                 return _failure("duplicate", "a duplicate delivery of a call that ran already", binding)
             if verdict == "exhausted":
-                return _failure("retries", f"its worker was lost {marker.get('attempt')} times; "
-                                f"retry_count={retries} allows no more attempts", binding)
+                return _failure("retries", f"its worker was lost in each of its {marker.get('attempt')} "
+                                f"attempt(s); retry_count={retries} allows no more", binding)
             time.sleep(min(1.0, lease / 6))  # "wait": another run holds a live lease
     except Exception as exc:  # noqa: BLE001 - redis/boto3 errors: the data plane is unusable
         return _failure("config", f"task guard: the data plane is unreachable: {type(exc).__name__}: {exc}",
