@@ -420,12 +420,15 @@ class _Core:
         if not self.deployment:
             return 1
         call_sec = self.call_sec
+        target = _CHUNK_TARGET_SEC
+        if self.task_timeout_sec is not None:
+            target = min(target, self.task_timeout_sec / 4)  # a chunk is one task: well within its limit
         if items is None:
-            return max(1, min(int(_CHUNK_TARGET_SEC / call_sec), _MAX_AUTO_CHUNK)) if call_sec else 1
+            return max(1, min(int(target / call_sec), _MAX_AUTO_CHUNK)) if call_sec else 1
         if not call_sec:
             tasks = 2 * (workers or 4)
         else:
-            tasks = -(-int(items * call_sec * 1000) // int(_CHUNK_TARGET_SEC * 1000))
+            tasks = -(-int(items * call_sec * 1e6) // max(1, int(target * 1e6)))
         tasks = max(1, min(items, tasks))
         return max(1, min(-(-items // tasks), _MAX_AUTO_CHUNK))
 

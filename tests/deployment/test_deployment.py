@@ -6,6 +6,7 @@ answers results in no order. The worker handler's guard (worker_guard.py) keeps 
 from __future__ import annotations
 
 import time
+import warnings
 from concurrent.futures import CancelledError
 
 import pytest
@@ -138,3 +139,23 @@ def test_the_cancelled_answer_of_the_handler_raises_cancelled_error():
 
     ok, exc = decode_output('{"htcgrid_executor": 1, "ok": false, "error": "cancelled", "message": "m"}', "k")
     assert not ok and isinstance(exc, CancelledError)
+
+
+def test_without_the_guard_the_executor_warns_once_what_it_cannot_keep(standin, make_executor):
+    from htcgrid_executor import _sessions
+
+    _sessions._warned.clear()
+    with pytest.warns(RuntimeWarning, match="htcgrid_worker_guard is off"):
+        first = make_executor_without_guard(standin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = make_executor_without_guard(standin)  # once a process, not once an executor
+    for executor in (first, second):
+        assert executor.submit(double, 2).result(timeout=20) == 4
+        executor.shutdown()
+
+
+def make_executor_without_guard(standin):
+    from htcgrid_executor import HTCGridExecutor
+
+    return HTCGridExecutor(config=standin.client_config(htcgrid_worker_guard=False))
