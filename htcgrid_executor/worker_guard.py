@@ -69,6 +69,7 @@ COLLECTED = b'{"state": "collected"}'
 _CONTEXT = "guard"  # what a guard is signed for: a guard does not verify as any other blob
 _DEFAULT_LEASE_SEC = 30.0
 _DEFAULT_RETRIES = 5  # the grid's default retry_count: upstream's own fixed number
+_BEGIN_TRIES = 6  # data-plane errors ridden out before the run marker is taken (about 12 s)
 
 
 def cancel_key(task_id: str) -> str:
@@ -149,9 +150,19 @@ def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str,
     except ConfigurationError as exc:
         return _failure("config", str(exc), binding)
     owner = uuid.uuid4().hex
+    failures = 0
     try:
         while True:
-            verdict, marker = marks.begin(tid, owner, lease, retries + 1)
+            try:
+                verdict, marker = marks.begin(tid, owner, lease, retries + 1)
+            except Exception:
+                # a blip of the data plane (failover, network): worth a few tries before the task
+                # fails; the agent's heartbeat keeps the task ours meanwhile
+                failures += 1
+                if failures >= _BEGIN_TRIES:
+                    raise
+                time.sleep(0.2 * 2 ** failures)
+                continue
             if verdict == "run":
                 break
             if verdict == "cancelled":
