@@ -66,12 +66,18 @@ def _worker(grid: Any, storage: str) -> Any:
 
 
 @contextlib.contextmanager
-def upstream(storage: str = "REDIS", agents: int = 3, **options: Any):
-    """An upstream grid running this package's handler with its guard, and its client config."""
-    from upstream_grid import UpstreamGrid
+def upstream(storage: str = "REDIS", agents: int = 3, zip_path: str | None = None, **options: Any):
+    """An upstream grid running this package's handler with its guard, and its client config.
+    ``zip_path``: a lambda.zip built as docs/worker-handler.md says, run as it is."""
+    from upstream_grid import UpstreamGrid, Worker
 
     grid = UpstreamGrid(agents=agents, storage=storage, **options)
-    grid.worker = _worker(grid, storage)
+    if zip_path:
+        env = {"HTCGRID_PAYLOAD_KEY": grid.worker.env["HTCGRID_PAYLOAD_KEY"],
+               "HTCGRID_REDIS_PASSWORD": grid.redis_password}
+        grid.worker = Worker.from_zip(zip_path, "htcgrid_worker.lambda_handler", env)
+    else:
+        grid.worker = _worker(grid, storage)
     upload = grid._upload_worker
 
     def upload_with_endpoints(worker: Any) -> None:
@@ -303,7 +309,8 @@ def grid_sessions(grid: Any) -> set[str]:
     return {sid for sid, t in latest.items() if t == newest}
 
 
-def run(storages: list[str], with_checks: bool, n: int = 200, local: bool = True) -> dict[str, Any]:
+def run(storages: list[str], with_checks: bool, n: int = 200, local: bool = True,
+        zip_path: str | None = None) -> dict[str, Any]:
     """Figures (and checks) per storage mode on the upstream grid, and on the local grid."""
     import cloudpickle
 
@@ -311,7 +318,7 @@ def run(storages: list[str], with_checks: bool, n: int = 200, local: bool = True
     results: dict[str, Any] = {}
     for storage in storages:
         _step(f"upstream grid, {storage}: figures")
-        with upstream(storage) as (grid, config):
+        with upstream(storage, zip_path=zip_path) as (grid, config):
             results[storage] = upstream_figures(grid, config, n)
             if with_checks:
                 results[storage].update(checks(grid, config))
@@ -327,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", action="store_true", help="also the issue-10 checks")
     parser.add_argument("--no-local", action="store_true", help="skip the local grid's figures")
     parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--zip", help="run this lambda.zip (built as docs/worker-handler.md says)")
     args = parser.parse_args(argv)
     why = available()
     if why:
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.dump_traceback_later(240, repeat=True)
-    print(json.dumps(run(args.storage.split(","), args.checks, args.tasks, not args.no_local), indent=2))
+    print(json.dumps(run(args.storage.split(","), args.checks, args.tasks, not args.no_local, args.zip), indent=2))
     return 0
 
 
