@@ -356,7 +356,8 @@ class _S3Marks:
             self._client.put_object(Bucket=self._bucket, Key=key, Body=json.dumps(doc).encode(),
                                     **condition, **self._extra)
         except Exception as exc:
-            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            # the marker changed (or, for If-Match, went) since we read it: read it again
+            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
                 return False
             raise
         return True
