@@ -193,7 +193,9 @@ def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str,
         stop.set()
         renewer.join()
     elapsed = time.monotonic() - started
-    if timeout is not None and (envelope is None or elapsed > timeout):
+    interrupted = envelope is None or (isinstance(envelope, dict)
+                                       and str(envelope.get("type", "")).endswith("._TimeLimit"))
+    if timeout is not None and (interrupted or elapsed > timeout):
         envelope = _failure("timeout", f"the call ran over its time limit of {timeout:g} s", binding)
     elif isinstance(envelope, dict) and envelope.get("ok"):
         # last key, read by the client from the output's tail to size map's chunks
