@@ -159,3 +159,29 @@ def make_executor_without_guard(standin):
     from htcgrid_executor import HTCGridExecutor
 
     return HTCGridExecutor(config=standin.client_config(htcgrid_worker_guard=False))
+
+
+def test_a_forged_guard_is_refused_before_the_worker_connects_anywhere(monkeypatch):
+    """The guard names where the worker connects with its Redis password: only a holder of the
+    grid secret may name it (a writer of the data plane could otherwise steal the password)."""
+    from htcgrid_executor import worker_guard
+    from htcgrid_executor.worker import lambda_handler, make_task, pickle_args, pickle_function
+
+    monkeypatch.setenv("HTCGRID_PAYLOAD_KEY", "the-grid-secret")
+    task = make_task(pickle_function(double, "the-grid-secret"), pickle_args(double, (1,), {}, "the-grid-secret"))
+    task["guard"] = worker_guard.seal_guard({"store": "REDIS", "redis_url": "redis://attacker.example:6379"},
+                                            "s_0", "another-key", task_timeout_sec=None, retry_count=None)
+    connected = []
+    monkeypatch.setattr(worker_guard, "_marks_for", lambda spec: connected.append(spec))
+    answer = lambda_handler(task, None)
+    assert answer["error"] == "signature" and connected == []
+
+
+def test_the_guard_never_carries_the_redis_password():
+    from htcgrid_executor.connector.config import ClientConfig
+    from htcgrid_executor.worker_guard import guard_location
+
+    config = ClientConfig.from_dict({"grid_storage_service": "REDIS", "redis_url": "redis://:s3cret@db.internal:6380/0",
+                                     "private_api_gateway_url": "http://x", "public_api_gateway_url": "http://x",
+                                     "api_gateway_key": "k", "intra_vpc": 1})
+    assert guard_location(config) == {"store": "REDIS", "redis_url": "redis://db.internal:6380/0"}
