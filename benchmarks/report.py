@@ -396,6 +396,37 @@ def _hand_written(existing: Path) -> str:
     return f"{HAND_BEGIN}\n_No analysis yet: profile with `python -m benchmarks --profile`._\n{HAND_END}"
 
 
+_DEPLOYMENT_ROWS = [
+    ("map_sec", "map of 200 no-ops, no chunksize (s)"),
+    ("map_result_polls", "`/result` polls during that map"),
+    ("map_client_dataplane_calls_per_call", "client data-plane calls per call (map)"),
+    ("map_redis_commands_per_call", "Redis commands per call, every process (map)"),
+    ("single_task_sec", "submit→result, one at a time (s)"),
+    ("single_result_polls", "`/result` polls per single task"),
+    ("single_client_dataplane_calls", "client data-plane calls per single task"),
+    ("single_redis_commands", "Redis commands per single task, every process"),
+]
+
+
+def _deployment(section: dict | None) -> str:
+    """The upstream HTC-Grid code (../shared/upstream_grid, 3 agents) next to the local grid."""
+    if not section:
+        return "_Not run (`--quick` or `--no-deployment`)._\n"
+    if "unavailable" in section:
+        return f"_Not available: {section['unavailable']}._\n"
+    columns = [c for c in ("REDIS", "S3", "local") if c in section]
+    head = "| | " + " | ".join("local grid" if c == "local" else f"upstream, {c}" for c in columns) + " |\n"
+    head += "|---" * (len(columns) + 1) + "|\n"
+    rows = "".join(f"| {label} | " + " | ".join(str(section[c].get(key, "–")) for c in columns) + " |\n"
+                   for key, label in _DEPLOYMENT_ROWS)
+    return ("The executor on the real upstream HTC-Grid code (finos/htc-grid: its submit, get-results, "
+            "cancel and TTL-checker functions and 3 `agent.py` processes on moto and a real Redis) and "
+            "on the embedded local grid, in the same run. Polls per configured interval "
+            "(`dynamodb_results_pull_interval_sec` 0.5 s upstream); the Redis commands include the "
+            "agents' and the handler's guard (S3 mode: no Redis). On the local grid the poll rows count every "
+            "HTTP request, and `map` keeps chunksize 1 (its per-task overhead is small).\n\n" + head + rows)
+
+
 def write_report(doc: dict, out: Path) -> tuple[Path, str]:
     """Write ``out/benchmarks.md`` and ``out/img/*.png``; return the path and the main table."""
     out.mkdir(parents=True, exist_ok=True)
@@ -450,6 +481,8 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         _cpu_table(doc),
         "## Control-plane calls (HTCGridExecutor)\n",
         _control_table(doc),
+        "## Deployment (upstream code, emulated AWS)\n",
+        _deployment(doc.get("deployment")),
         "## Targets (issue 6)\n",
         _targets(doc),
         "## Plots\n",

@@ -275,6 +275,21 @@ def run_all(cfg: Config, log=print) -> dict[str, Any]:
     return results
 
 
+def run_deployment(timeout: float = 900.0) -> dict[str, Any]:
+    """The deployment section (:mod:`benchmarks.deployment`) in a child process, bounded; a dict
+    with ``unavailable`` when ../shared/upstream_grid or its dependencies are missing or it fails."""
+    cmd = [sys.executable, "-m", "benchmarks.deployment", "--storage", "REDIS,S3"]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"unavailable": f"timed out after {timeout:g} s"}
+    try:
+        return json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"unavailable": f"failed (exit {done.returncode}): {tail[0]}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="workers per executor")
@@ -294,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-timeout", type=float, help="bound of the scale run (s)")
     parser.add_argument("--section-timeout", type=float, help="bound of each main section (s)")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--no-deployment", action="store_true",
+                        help="skip the deployment section (upstream HTC-Grid code on emulated AWS, "
+                             "from ../shared/upstream_grid when present; not run with --quick)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile HTCGridExecutor with py-spy (see benchmarks.profile)")
     args = parser.parse_args(argv)
@@ -305,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     results = run_all(cfg)
     elapsed = time.monotonic() - t0
+    deployment = None
+    if not (args.quick or args.no_deployment):
+        print("[bench] deployment (upstream code, emulated AWS) ...", flush=True)
+        deployment = run_deployment()
     profile = None
     if args.profile:
         from .profile import profile_htcgrid
@@ -314,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_report
 
     doc = {"machine": info, "config": cfg.describe(), "results": results, "elapsed_s": elapsed,
-           "profile": profile}
+           "profile": profile, "deployment": deployment}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
     md_path, table = write_report(doc, Path(args.out))

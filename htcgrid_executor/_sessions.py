@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
@@ -33,6 +35,7 @@ from .errors import (
 )
 from .wire import decode_task, input_key, new_session_id, task_ids_for
 from .worker import decode_output, is_executor_task, task_binding
+from .worker_guard import GUARD_FIELD, guard_location, seal_guard
 
 __all__: list[str] = []  # private module
 
@@ -44,6 +47,10 @@ _VERIFY_SEC = 5.0  # after this long with no news, check that the grid still kno
 _VERIFY_BATCH = 50  # sessions checked per round (round robin), one cheap request each
 _FAR_CURSOR = "99999999999999-0"  # a cursor after everything: the answer says only "it exists"
 _CANCEL_CHUNK = 500  # task ids per cancel request: the query string stays under 64 KiB
+_CALL_SEC = re.compile(r'"call_sec": ([0-9.e-]+)\}$')
+_CHUNK_TARGET_SEC = 1.0  # a deployment's task should last about this long (per-task overhead ~0.5-1 s)
+_MAX_AUTO_CHUNK = 1000
+_GUARD_LEASE_SEC = 30.0  # the run marker's lease on a deployment (renewed every third of it)
 
 # Set at interpreter exit (before non-daemon threads are joined): threads then finish what was
 # submitted and stop, as ProcessPoolExecutor's manager thread does.
@@ -105,12 +112,14 @@ class _Call:
 
 
 class _Session:
-    __slots__ = ("response", "remaining", "sent")
+    __slots__ = ("response", "remaining", "sent", "cancelled_here")
 
     def __init__(self, response: dict[str, Any], remaining: int, sent: bool) -> None:
         self.response = response  # {'session_id', 'task_ids', 'listener'}: what attach() needs
         self.remaining = remaining  # tasks not yet terminal on the grid
         self.sent = sent
+        # a deployment: some task was given up on here (cancelled) before the grid ended it
+        self.cancelled_here = False
 
 
 class _Core:
@@ -143,6 +152,20 @@ class _Core:
         self.batch_window = batch_window
         self.broken_after_sec = broken_after_sec
         self.listener: str = connector.new_listener_id()
+        # A deployment (not a grid of this package, whose config names its control Redis) cannot
+        # cancel single tasks nor keep time limits, retry counts or at-most-once: our handler does
+        # (worker_guard.py), told by a signed guard in each task. `htcgrid_worker_guard: false`
+        # in the client config turns it off (a worker without redis-py / boto3).
+        client_config = getattr(connector, "client_config", None) or {}
+        self.deployment = bool(client_config) and "htcgrid_redis_control_url" not in client_config
+        self.guard: dict[str, Any] | None = None
+        if self.deployment and client_config.get("htcgrid_worker_guard", True) is not False \
+                and getattr(connector, "config", None) is not None:
+            self.guard = guard_location(connector.config)
+        if self.deployment:
+            _warn_once_about_deployment(self.guard is None, retry_count)
+        self.guard_lease_sec = float(client_config.get("htcgrid_worker_guard_lease_sec", _GUARD_LEASE_SEC))
+        self.call_sec: float | None = None  # measured seconds per call (deployment), for map's chunks
 
         # `lock` guards every attribute below it; `cond` (same lock) wakes the sender
         self.lock = threading.Lock()
@@ -153,6 +176,7 @@ class _Core:
         self.tasks: dict[str, _Call] = {}  # task id -> call, until its task is terminal
         self.sessions: dict[str, _Session] = {}  # session id -> session with tasks not terminal
         self.cancels: list[str] = []  # task ids to cancel on the grid
+        self.cancel_marks: list[str] = []  # task ids to mark cancelled in the data plane (deployment)
         self.session_cancels: list[str] = []  # session ids to cancel on the grid
         self.cleanups: list[dict[str, Any]] = []  # collected sessions whose data to delete
         self.shutdown = False
@@ -210,7 +234,18 @@ class _Core:
             notify = not call.claimed
             call.claimed = True
             if call.task_id is not None and not call.done:
-                self.cancels.append(call.task_id)
+                if self.deployment:
+                    # A deployment cannot cancel one task: its handler skips a task marked
+                    # cancelled, and the call is forgotten now, so that nothing waits for the grid
+                    # to run it (shutdown(cancel_futures=True) returns at once). A session left with
+                    # only such tasks is cancelled as a whole (see _pop_terminal).
+                    self.cancel_marks.append(call.task_id)
+                    session = self.sessions.get(call.task_id.rpartition("_")[0])
+                    if session is not None:
+                        session.cancelled_here = True
+                    self._pop_terminal(call.task_id)
+                else:
+                    self.cancels.append(call.task_id)
                 self.cond.notify()
         if notify:
             # wait() and as_completed() count a cancelled future only once notified
@@ -302,6 +337,10 @@ class _Core:
             session.remaining -= 1
             if session.remaining <= 0:
                 del self.sessions[session.response["session_id"]]
+                if session.cancelled_here:
+                    # the grid may still hold tasks of it that we gave up on: end them there before
+                    # their data is deleted (queued ones are then skipped, running ones stopped)
+                    self.session_cancels.append(session.response["session_id"])
                 self.cleanups.append(session.response)
                 self.cond.notify()
         return call
@@ -350,6 +389,8 @@ class _Core:
             except RuntimeError:
                 pass  # resolved meanwhile by the broken path
         for call, need_claim, kind, value in ends:
+            if kind == "finished" and self.deployment:
+                self._measure(value)
             if kind == "finished":
                 ok, result = decode_output(value, self.key, raw=call.raw, binding=call.binding)
                 self._settle(call, need_claim, ok, result)
@@ -361,6 +402,35 @@ class _Core:
                 exc = CancelledError(f"task {call.task_id} was cancelled on the grid while running")
                 self._settle(call, False, False, exc)
         return bool(starts or ends)
+
+    def _measure(self, output: str) -> None:
+        """Learn the seconds per call from the guard's ``call_sec``, the output's last key."""
+        found = _CALL_SEC.search(output, max(0, len(output) - 40))
+        if found is not None:
+            sample = float(found.group(1))
+            self.call_sec = sample if self.call_sec is None else 0.8 * self.call_sec + 0.2 * sample
+
+    def auto_chunksize(self, items: int | None, workers: int | None) -> int:
+        """map's chunk size when the user gives none: 1 on a grid of this package. On a
+        deployment, whose per-task overhead is of the order of a second, tasks of about
+        :data:`_CHUNK_TARGET_SEC` of calls at the time per call the handler measured (so
+        ``items`` calls that take less than that in all go as one task); before any measurement,
+        two tasks per worker of ``workers`` (default 4). ``items`` None (``buffersize``): chunks of
+        the measured target, else 1."""
+        if not self.deployment:
+            return 1
+        call_sec = self.call_sec
+        target = _CHUNK_TARGET_SEC
+        if self.task_timeout_sec is not None:
+            target = min(target, self.task_timeout_sec / 4)  # a chunk is one task: well within its limit
+        if items is None:
+            return max(1, min(int(target / call_sec), _MAX_AUTO_CHUNK)) if call_sec else 1
+        if not call_sec:
+            tasks = 2 * (workers or 4)
+        else:
+            tasks = -(-int(items * call_sec * 1e6) // max(1, int(target * 1e6)))
+        tasks = max(1, min(items, tasks))
+        return max(1, min(-(-items // tasks), _MAX_AUTO_CHUNK))
 
     def fail_calls(self, calls: list[_Call], exc_factory: Any) -> None:
         """Resolve calls the grid will never answer for (lock not held; calls already removed)."""
@@ -383,6 +453,7 @@ class _Core:
             self.tasks.clear()
             self.sessions.clear()
             self.cancels.clear()
+            self.cancel_marks.clear()
             self.session_cancels.clear()
             self.cond.notify_all()
         logger.debug("executor broken: %s", message)
@@ -411,7 +482,7 @@ class _Core:
             with self.cond:
                 while True:
                     closing = self.closing()
-                    work = bool(self.cancels or self.session_cancels or self.cleanups)
+                    work = bool(self.cancels or self.cancel_marks or self.session_cancels or self.cleanups)
                     if self.buffer:
                         age = time.monotonic() - self.buffer_since
                         if closing or len(self.buffer) >= self.batch_size or age >= self.batch_window:
@@ -426,10 +497,14 @@ class _Core:
                     self.cond.wait(min(wait, _IDLE_TICK))
                 batch, session, tasks_list = self._take_batch()
                 cancels, self.cancels = self.cancels, []
+                cancel_marks, self.cancel_marks = self.cancel_marks, []
                 session_cancels, self.session_cancels = self.session_cancels, []
                 cleanups, self.cleanups = self.cleanups, []
             if session is not None:
                 self._send(batch, session, tasks_list)
+            if cancel_marks and self.guard is not None:
+                # one batched write, before any session cancel or clean-up of the same tasks
+                self._best_effort("mark_cancelled", self.connector.mark_cancelled, cancel_marks)
             if session_cancels:
                 self._best_effort("cancel_sessions", self.connector.cancel_sessions, session_cancels)
                 gone = set(session_cancels)
@@ -440,7 +515,13 @@ class _Core:
                     self._best_effort("cancel_tasks", self.connector.cancel_tasks,
                                       cancels[start:start + _CANCEL_CHUNK])
             for response in cleanups:
-                self._best_effort("delete_session_data", self.connector.delete_session_data, response)
+                if self.guard is not None:
+                    self._best_effort("delete_session_data", self._delete_guarded, response)
+                else:
+                    self._best_effort("delete_session_data", self.connector.delete_session_data, response)
+
+    def _delete_guarded(self, response: dict[str, Any]) -> None:
+        self.connector.delete_session_data(response, guarded=True)
 
     def _take_batch(self) -> tuple[list[_Call], _Session | None, list[dict[str, Any]]]:
         """Move up to batch_size calls into a new registered session; lock held."""
@@ -458,10 +539,17 @@ class _Core:
         sid = new_session_id()
         task_ids = task_ids_for(sid, len(batch))
         tasks_list = []
+        guard, key = self.guard, self.key
         for call, tid in zip(batch, task_ids, strict=True):
             call.task_id = tid
             self.tasks[tid] = call
-            tasks_list.append(call.task)
+            task = call.task
+            if guard is not None and key is not None and not call.raw:
+                # the task id and the limits travel in the task: upstream's agent gives the
+                # worker the task dict alone
+                task[GUARD_FIELD] = seal_guard(guard, tid, key, task_timeout_sec=self.task_timeout_sec,
+                                               retry_count=self.retry_count, lease_sec=self.guard_lease_sec)
+            tasks_list.append(task)
             call.task = None
         # registered before it is sent: the listener may report a task before send() returns
         session = _Session({"session_id": sid, "task_ids": task_ids, "listener": self.listener},
@@ -674,6 +762,25 @@ class _Core:
             except Exception as exc:  # noqa: BLE001 - an outage shows in the next poll
                 logger.debug("session check of %s failed: %s", sid, exc)
             order.append(sid)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once_about_deployment(no_guard: bool, retry_count: int | None) -> None:
+    """What a deployment cannot keep (docs/deploying.md, "What differs"), said once a process."""
+    notes = []
+    if no_guard:
+        notes.append(("no-guard", "htcgrid_worker_guard is off: on this deployment a cancelled call may still "
+                      "run, a replayed submission runs calls twice, and task_timeout_sec and retry_count are "
+                      "not enforced"))
+    if retry_count is not None and retry_count > 5:
+        notes.append(("retries", f"retry_count={retry_count}: an HTC-Grid deployment gives up on a lost "
+                      "task after 5 retries whatever the client asks"))
+    for name, text in notes:
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(text, RuntimeWarning, stacklevel=4)
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -130,7 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         connector.authenticate()
         print(f"{'session':<38} {'finished':>9} {'failed':>7} {'cancelled':>10}")
         for sid in args.sessions:
-            batch = connector.poll_session(sid)
+            batch = connector.poll_session(sid, outputs=False)  # the grid's states, not the outputs
             print(f"{sid:<38} {len(batch.finished):>9} {len(batch.failed):>7} {len(batch.cancelled):>10}")
     return 0
 

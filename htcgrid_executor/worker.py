@@ -35,11 +35,12 @@ import pickle
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from typing import Any
 
 import cloudpickle
 
-from .errors import ConfigurationError, PayloadError, RemoteError, SignatureError
+from .errors import ConfigurationError, PayloadError, RemoteError, SignatureError, TaskFailedError
 from .payload import PAYLOAD_KEY_ENV, loads_signed, sign_bytes, signing_key_from_env
 
 __all__ = [
@@ -122,6 +123,11 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
     back with its traceback text; a task whose signature does not match the grid secret is not
     unpickled and answers an ``"error": "signature"`` envelope.
     """
+    if isinstance(event, dict) and "guard" in event and is_executor_task(event):
+        # a deployment's task: its guard (cancel marks, run marker, limits) is kept first
+        from .worker_guard import run_guarded  # lazy: it needs redis or boto3
+
+        return run_guarded(event, lambda task: lambda_handler(task, context), _binding_or_empty(event))
     try:
         if not is_executor_task(event):
             raise PayloadError(
@@ -166,6 +172,13 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
         return _failure("signature", str(exc))
     except (PayloadError, KeyError, TypeError, ValueError) as exc:
         return _failure("payload", f"malformed task: {type(exc).__name__}: {exc}")
+
+
+def _binding_or_empty(task: dict[str, Any]) -> str:
+    try:
+        return task_binding(task)
+    except PayloadError:
+        return ""
 
 
 def _load_function(text: str, key: str) -> Callable[..., Any]:
@@ -354,6 +367,11 @@ def _decode_envelope(doc: dict[str, Any], key: str | None, binding: str | None) 
             return False, SignatureError(f"the worker refused the task: {message}")
         if kind == "config":
             return False, ConfigurationError(f"the worker cannot run the task: {message}")
+        if kind in ("timeout", "retries", "duplicate"):
+            # the deployment guard's answers (worker_guard.py): what the local grid reports failed
+            return False, TaskFailedError(message)
+        if kind == "cancelled":
+            return False, CancelledError(message)
         if kind != "exception":
             return False, PayloadError(f"the worker could not run the task: {message}")
         tb_text = str(doc.get("traceback", ""))

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import BadRequestError, ConfigurationError, ControlPlaneError, GridError, PayloadError
+from ..worker_guard import COLLECTED, cancel_key, run_key
 from .auth import ApiKeyAuth, Auth, CognitoAuth
 from .config import ClientConfig
 from .dataplane import DataPlane, make_store
@@ -164,6 +165,8 @@ class AWSConnector:
         self._lock = threading.Lock()  # guards _listeners and init/close
         # listener id -> session id -> ids already reported (fallback mode only)
         self._listeners: dict[str, dict[str, set[str]]] = {}
+        # session id -> monotonic time of its last /result (plain deployment: polls are spaced)
+        self._last_poll: dict[str, float] = {}
         #: True/False once a ``/result`` answer showed whether the server has the extensions
         self.extensions: bool | None = None
         if client_config_data is not None:
@@ -341,6 +344,19 @@ class AWSConnector:
                 listener: str | None = None) -> _Answer:
         """One ``GET /result``. Extension parameters are sent always: a deployment ignores them."""
         _, transport, _ = self._parts()
+        if self.extensions is False:
+            # A plain deployment answers at once (no long poll): never ask after one session more
+            # often than dynamodb_results_pull_interval_sec, however often the caller polls.
+            with self._lock:
+                last = self._last_poll.get(session_id)
+                now = time.monotonic()
+                if len(self._last_poll) > 10_000:
+                    self._last_poll = {sid: t for sid, t in self._last_poll.items()
+                                       if now - t < self._pull_interval()}
+                pause = 0.0 if last is None else last + self._pull_interval() - now
+                self._last_poll[session_id] = now + max(pause, 0.0)
+            if pause > 0:
+                time.sleep(pause)
         params = {"submission_content": wire.encode_query({"session_id": session_id}),
                   "after": after or "0"}
         wait_sec = min(max(0.0, float(wait_sec)), MAX_WAIT_SEC)
@@ -373,9 +389,12 @@ class AWSConnector:
         return outputs, broken
 
     def _batch(self, terminal: list[tuple[str, str, str]], processing: list[str], cursor: str | None,
-               extensions: bool) -> ResultBatch:
+               extensions: bool, read: bool = True) -> ResultBatch:
         finished_ids = [tid for tid, state, _ in terminal if state == "finished"]
-        outputs, broken = self._read_outputs(finished_ids)
+        if read:
+            outputs, broken = self._read_outputs(finished_ids)
+        else:
+            outputs, broken = dict.fromkeys(finished_ids, ""), {}
         batch = ResultBatch(cursor=cursor, extensions=extensions, processing=list(processing))
         for tid, state, reason in terminal:
             if state == "finished":
@@ -389,7 +408,8 @@ class AWSConnector:
                 batch.cancelled.append(tid)
         return batch
 
-    def poll_session(self, session_id: str, after: str | None = None, wait_sec: float = 0) -> ResultBatch:
+    def poll_session(self, session_id: str, after: str | None = None, wait_sec: float = 0, *,
+                     outputs: bool = True) -> ResultBatch:
         """One poll of a session: the tasks that reached a terminal state after cursor ``after``
         (None: from the start), waiting up to ``wait_sec`` (at most 20 s) for the first one.
 
@@ -397,18 +417,20 @@ class AWSConnector:
         deployment every terminal task of the session comes back each time (``cursor`` None,
         ``extensions`` False) and the wait is emulated by polling every
         ``dynamodb_results_pull_interval_sec``. Raises the transport's errors, StorageError /
-        GridUnavailableError for the output read.
+        GridUnavailableError for the output read. ``outputs=False``: the states as the grid keeps
+        them, without reading any output (``finished`` then maps each task id to ``""``; a task
+        whose output is gone still counts as finished).
         """
         _check_id(session_id, "session_id")
         deadline = time.monotonic() + max(0.0, min(float(wait_sec), MAX_WAIT_SEC))
         while True:
             answer = self._result(session_id, after=after, wait_sec=wait_sec)
             if answer.has_cursor:
-                return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True)
+                return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True, outputs)
             terminal = list(answer.terminal())
             remaining = deadline - time.monotonic()
             if terminal or remaining <= 0:
-                return self._batch(terminal, [], None, False)
+                return self._batch(terminal, [], None, False, outputs)
             time.sleep(min(self._pull_interval(), remaining))
 
     def poll_listener(self, listener: str, sessions: list[dict[str, Any]], after: str | None,
@@ -587,15 +609,32 @@ class AWSConnector:
 
     # ------------------------------------------------------------------------------ cleanup
 
-    def delete_session_data(self, submission_response: dict[str, Any]) -> None:
+    def delete_session_data(self, submission_response: dict[str, Any], *, guarded: bool = False) -> None:
         """Delete a session's keys from the data plane: ``<sid>-payload`` and each task's
-        ``-input`` and ``-output``, in one batched delete. Missing keys are ignored."""
+        ``-input`` and ``-output``, in one batched delete. Missing keys are ignored.
+
+        ``guarded`` (tasks sent with the deployment guard, see ``worker_guard``): also delete
+        their cancel marks, and overwrite their run markers (which hold the first run's answer)
+        with a small "collected" marker in one batched write, so that a late duplicate delivery
+        still runs nothing. Those markers stay (about 30 bytes a task; Redis' eviction or an S3
+        lifecycle rule removes them)."""
         sid, task_ids = _check_submission(submission_response)
         keys = [wire.payload_key(sid)]
         for tid in task_ids:
             keys.append(wire.input_key(tid))
             keys.append(wire.output_key(tid))
+            if guarded:
+                keys.append(cancel_key(tid))
+        if guarded:
+            self.store.put_many({run_key(tid): COLLECTED for tid in task_ids})
         self.store.delete_many(keys)
+
+    def mark_cancelled(self, task_ids: list[str]) -> None:
+        """Mark tasks cancelled in the data plane, in one batched write: a worker running this
+        package's handler with the deployment guard skips them (``"error": "cancelled"``) if
+        they have not started. For grids that cannot cancel single tasks."""
+        if task_ids:
+            self.store.put_many({cancel_key(tid): b"1" for tid in task_ids})
 
     def close(self) -> None:
         """Close the HTTP pool, the data-plane connections and the S3 thread pool. Repeatable;
