@@ -18,6 +18,7 @@ import collections
 import itertools
 import json
 import os
+import secrets
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -124,6 +125,8 @@ class HTCGridExecutor(Executor):
             raise ValueError("pass connector= or config=, not both")
         del mp_context  # accepted for drop-in compatibility: a grid starts no local process
         self._max_workers = max_workers
+        # the tasks of this executor share their script's globals in each runner (see worker._Scope)
+        self._scope = secrets.token_hex(8)
 
         grid = None
         owns_connector = connector is None
@@ -186,9 +189,10 @@ class HTCGridExecutor(Executor):
         if entry is not None and entry[0] is fn:
             fn_blob = entry[1]
         else:
-            fn_blob = pickle_function(fn, key)
+            fn_blob = pickle_function(fn, key, self._scope)
             cache[id(fn)] = (fn, fn_blob)  # holding fn keeps its id from being reused
-        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob)
+        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob,
+                         scope=self._scope)
         return self._enqueue([_Call(core, task, raw=False)])[0]
 
     def submit_task(self, task: dict[str, Any]) -> Future[Any]:
@@ -233,13 +237,13 @@ class HTCGridExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         self._check_open()
         key = self._key()
-        fn_blob = pickle_function(fn, key)
+        fn_blob = pickle_function(fn, key, self._scope)
         chunks = _batched(zip(*iterables, strict=False), chunksize)
 
         def make_call(executor: HTCGridExecutor, chunk: list[tuple[Any, ...]]) -> _Call:
             blob = pickle_chunk(fn, chunk, key)
-            return _Call(executor._core, make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob),
-                         raw=False)
+            return _Call(executor._core, make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob,
+                                                   scope=executor._scope), raw=False)
 
         fs: collections.deque[Future[list[T]]] = collections.deque()
         try:

@@ -22,7 +22,10 @@ import cloudpickle
 
 from .errors import PayloadError, SignatureError
 
-__all__ = ["PAYLOAD_KEY_ENV", "new_signing_key", "signing_key_from_env", "dumps_signed", "loads_signed"]
+__all__ = [
+    "PAYLOAD_KEY_ENV", "new_signing_key", "signing_key_from_env", "dumps_signed", "loads_signed",
+    "verify_signed",
+]
 
 #: environment variable through which agents and deployed workers receive the grid secret
 PAYLOAD_KEY_ENV = "HTCGRID_PAYLOAD_KEY"
@@ -72,6 +75,18 @@ def loads_signed(text: str, key: str, context: str = "") -> Any:
     Raises SignatureError when the HMAC does not match (nothing is unpickled), PayloadError when
     the text is not a signed blob at all or the pickle cannot be loaded.
     """
+    data = verify_signed(text, key, context)
+    try:
+        return pickle.loads(data)
+    except ModuleNotFoundError as exc:
+        raise PayloadError(missing_module_message(exc)) from exc
+    except Exception as exc:  # unpickling can raise anything (missing module, broken __setstate__)
+        raise PayloadError(f"cannot unpickle payload: {exc}") from exc
+
+
+def verify_signed(text: str, key: str, context: str = "") -> bytes:
+    """The pickle inside ``text`` once its signature is checked (see :func:`loads_signed`):
+    for a caller that unpickles it its own way. Raises SignatureError or PayloadError."""
     if not isinstance(text, str) or not text.startswith(_PREFIX):
         raise PayloadError("payload is not a signed htcgrid_executor blob")
     try:
@@ -82,10 +97,17 @@ def loads_signed(text: str, key: str, context: str = "") -> Any:
         raise PayloadError(f"payload is not a signed htcgrid_executor blob: {exc}") from exc
     if not hmac.compare_digest(mac, _mac(key, data, context)):
         raise SignatureError("payload signature does not match the grid secret; refusing to unpickle it")
-    try:
-        return pickle.loads(data)
-    except Exception as exc:  # unpickling can raise anything (missing module, broken __setstate__)
-        raise PayloadError(f"cannot unpickle payload: {exc}") from exc
+    return data
+
+
+def missing_module_message(exc: ModuleNotFoundError) -> str:
+    """What to do when a pickle names a module this process cannot import."""
+    return (f"cannot unpickle payload: it needs the module {exc.name!r}, which cannot be imported "
+            "here. Pickles name functions and classes of importable modules by reference: make "
+            f"{exc.name!r} importable where this runs (install it, or put its folder on PYTHONPATH "
+            "before the grid starts: a folder added to sys.path or a module loaded with importlib "
+            "after that is not seen by its agents), or send it by value with "
+            f"cloudpickle.register_pickle_by_value(module) in the client ({exc})")
 
 
 def _describe(obj: Any) -> str:
