@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -58,7 +59,13 @@ def _python_exit() -> None:
     _global_shutdown = True
     with _live_lock:
         cores = list(_live_cores)
+    # the program ends on Ctrl-C (an unhandled KeyboardInterrupt): stop the work instead of
+    # finishing it, as a process pool's workers, which got the SIGINT too, stop
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    interrupted = isinstance(last, KeyboardInterrupt)
     for core in cores:
+        if interrupted:
+            core.request_stop(cancel_futures=True, kill_running=True)
         core.wake()
     for core in cores:
         core.join()

@@ -312,6 +312,14 @@ class HTCGridExecutor(Executor):
         if wait:
             self._core.join()
 
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        """``shutdown(wait=True)``, as the stdlib's; leaving on ``KeyboardInterrupt`` (Ctrl-C) also
+        cancels what has not started and stops what is running, so the program ends at once (a
+        process pool's workers get the terminal's SIGINT too; the grid's processes do not)."""
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.shutdown(wait=True, cancel_futures=interrupted, kill_running=interrupted)
+        return False
+
     def kill_running(self) -> int:
         """Stop the tasks whose futures are running (the grid reported them processing): their
         runners are killed and their futures raise ``CancelledError``. Pending work continues.

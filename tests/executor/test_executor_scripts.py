@@ -4,10 +4,16 @@ a subprocess, on the real local grid, compared with what ProcessPoolExecutor doe
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import psutil
+import pytest
 
 from htcgrid_executor.grid import LocalGrid
 
@@ -71,3 +77,74 @@ def test_an_initializer_setting_a_global_of_the_script_is_seen_by_the_calls(grid
     result = run_script(tmp_path, INITIALIZER_SCRIPT, "htcgrid", str(config))
     assert result.returncode == 0, result.stderr
     check_initializer_output(result.stdout)
+
+
+SLOW_MAP_SCRIPT = """
+    import os, sys, time
+    from htcgrid_executor import HTCGridExecutor
+
+    def slow(x, folder):
+        open(os.path.join(folder, f"started-{os.getpid()}"), "w").close()
+        time.sleep(60)
+        return x
+
+    if __name__ == "__main__":
+        folder = sys.argv[2]
+        if sys.argv[1] == "with":
+            with HTCGridExecutor(max_workers=2) as executor:
+                for result in executor.map(slow, range(20), [folder] * 20):
+                    print(result, flush=True)
+        else:  # no with block: the interpreter's exit winds the executor down
+            executor = HTCGridExecutor(max_workers=2)
+            print(list(executor.map(slow, range(20), [folder] * 20)))
+"""
+
+
+@pytest.mark.parametrize("shape", ["with", "bare"])
+def test_ctrl_c_in_a_terminal_ends_the_program_at_once_leaving_nothing(tmp_path: Path, shape: str):
+    script = tmp_path / "user_program.py"
+    script.write_text(textwrap.dedent(SLOW_MAP_SCRIPT))
+    markers, temp = tmp_path / "markers", tmp_path / "tmp"
+    markers.mkdir()
+    temp.mkdir()
+    # its own process group, as a terminal's foreground job is; Ctrl-C signals the whole group
+    program = subprocess.Popen([sys.executable, str(script), shape, str(markers)], cwd=tmp_path,
+                               env={**os.environ, "TMPDIR": str(temp)}, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:
+            assert program.poll() is None, program.communicate()
+            time.sleep(0.05)
+        assert len(list(markers.iterdir())) == 2, "the tasks did not start"
+        tree = psutil.Process(program.pid).children(recursive=True)
+        task_pids = [int(marker.name.split("-")[1]) for marker in markers.iterdir()]
+        assert set(task_pids) <= {p.pid for p in tree}
+        os.killpg(program.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        _, stderr = program.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+    finally:
+        if program.poll() is None:
+            os.killpg(program.pid, signal.SIGKILL)
+            program.wait()
+    assert took < 10, f"took {took:.1f} s to exit after Ctrl-C"
+    assert program.returncode != 0
+    assert stderr.rstrip().splitlines()[-1] == "KeyboardInterrupt", stderr
+    assert len(stderr.splitlines()) < 20, stderr  # a traceback, not a flood of grid logs
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(tree):
+        time.sleep(0.05)
+    assert _alive(tree) == []
+    assert list(temp.iterdir()) == []
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
