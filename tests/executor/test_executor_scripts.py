@@ -10,11 +10,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import psutil
 import pytest
 
+from htcgrid_executor import HTCGridExecutor, TaskFailedError
 from htcgrid_executor.grid import LocalGrid
 
 
@@ -132,19 +134,60 @@ def test_ctrl_c_in_a_terminal_ends_the_program_at_once_leaving_nothing(tmp_path:
     assert program.returncode != 0
     assert stderr.rstrip().splitlines()[-1] == "KeyboardInterrupt", stderr
     assert len(stderr.splitlines()) < 20, stderr  # a traceback, not a flood of grid logs
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(tree):
-        time.sleep(0.05)
-    assert _alive(tree) == []
+    assert _alive(tree, timeout=5) == []
     assert list(temp.iterdir()) == []
 
 
-def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
+def _alive(processes: list[psutil.Process], timeout: float = 0) -> list[psutil.Process]:
+    """Those of ``processes`` still alive after waiting up to ``timeout`` s for them to end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stop", ["time limit", "kill_running", "shutdown"])
+def test_a_stopped_task_ends_with_its_subprocesses(grid: LocalGrid, tmp_path: Path, stop: str):
+    from executor_tasks import start_subprocess_and_sleep
+
+    marker = tmp_path / "child"
+    executor = HTCGridExecutor(config=grid.client_config, task_timeout_sec=1.0 if stop == "time limit" else None)
+    try:
+        future = executor.submit(start_subprocess_and_sleep, str(marker), 30)
+        deadline = time.monotonic() + 30
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = psutil.Process(int(marker.read_text()))
+        if stop == "kill_running":
+            _wait_for(future.running)
+            assert executor.kill_running() == 1
+        elif stop == "shutdown":
+            _wait_for(future.running)
+            executor.shutdown(wait=True, kill_running=True)
+        expected = TaskFailedError if stop == "time limit" else CancelledError
+        with pytest.raises(expected):
+            future.result(timeout=30)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True, kill_running=True)
+    assert _alive([child], timeout=5) == []
+
+
+def test_multiprocessing_inside_a_task_works(grid_executor: HTCGridExecutor):
+    from executor_tasks import pool_inside_a_task
+
+    assert grid_executor.submit(pool_inside_a_task, [-1, -2, 3]).result(timeout=60) == [1, 2, 3]
+
+
+def _wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
