@@ -45,6 +45,7 @@ _VERIFY_SEC = 5.0  # after this long with no news, check that the grid still kno
 _VERIFY_BATCH = 50  # sessions checked per round (round robin), one cheap request each
 _FAR_CURSOR = "99999999999999-0"  # a cursor after everything: the answer says only "it exists"
 _CANCEL_CHUNK = 500  # task ids per cancel request: the query string stays under 64 KiB
+_BATCH_BYTES = 64 * 1024 * 1024  # task inputs per send (one call at least)
 
 # Set at interpreter exit (before non-daemon threads are joined): threads then finish what was
 # submitted and stop, as ProcessPoolExecutor's manager thread does.
@@ -91,10 +92,11 @@ class _Call:
     ``set_running_or_notify_cancel()`` for the future, which must happen exactly once.
     """
 
-    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding")
+    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding", "size")
 
-    def __init__(self, core: _Core, task: dict[str, Any], raw: bool) -> None:
+    def __init__(self, core: _Core, task: dict[str, Any], raw: bool, size: int = 0) -> None:
         self.future: Future[Any] = Future()
+        self.size = size  # bytes its task takes in the data plane: batches are capped by it
         self.task: dict[str, Any] | None = task  # dropped once sent
         # what its output must be signed for: an output copied from another task is refused
         self.binding: str | None = task_binding(task) if is_executor_task(task) else None
@@ -453,10 +455,14 @@ class _Core:
         """Move up to batch_size calls into a new registered session; lock held."""
         batch: list[_Call] = []
         buffer = self.buffer
-        while buffer and len(batch) < self.batch_size:
+        size = 0
+        # and at most _BATCH_BYTES of inputs (one call at least): one write of several large
+        # tasks would pass Redis's 1 GiB limit on a client's query and drop the connection
+        while buffer and len(batch) < self.batch_size and (not batch or size + buffer[0].size <= _BATCH_BYTES):
             call = buffer.popleft()
             if not call.claimed:  # claimed while unsent means cancelled: never send it
                 batch.append(call)
+                size += call.size
         if buffer:
             self.buffer_since = time.monotonic()
         self.fn_cache = {}  # a function is pickled once per batch

@@ -29,7 +29,8 @@ from . import _sessions
 from ._sessions import _Call, _Core
 from .errors import BrokenGridExecutor, ConfigurationError, PayloadError
 from .payload import dumps_signed
-from .worker import make_task, pickle_args, pickle_chunk, pickle_function
+from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size
+from .worker import check_task_size, make_task, pickle_args, pickle_chunk, pickle_function
 
 __all__ = ["HTCGridExecutor"]
 
@@ -74,6 +75,14 @@ class HTCGridExecutor(Executor):
     ``broken_after_sec``: if the grid cannot be reached for that long, every pending future fails
     with ``BrokenGridExecutor`` and the executor refuses new work.
 
+    ``max_payload_bytes``: the most bytes one task (a call's or a map chunk's function and
+    arguments) or one result may take in the grid's data plane, where pickles travel encoded
+    (about 1.8 times the pickle's size). Default, and never more than: what the grid states
+    (a ``LocalGrid``'s ``max_payload_bytes``), else 500 MiB, under Redis's 512 MiB per value.
+    A larger call raises ``PayloadError`` in ``submit``/``map`` naming its size and the limit; a
+    larger result fails that call's future with ``PayloadError`` before anything is written.
+    Either way nothing oversized reaches the grid, and the executor goes on working.
+
     What a grid changes in the ``Future`` contract (nothing else does):
         * ``running()`` becomes True when the grid reports the task processing (an agent that
           claims several short tasks at once reports them all); a task retried after its worker
@@ -107,7 +116,12 @@ class HTCGridExecutor(Executor):
         batch_size: int = 1000,
         batch_window: float = 0.0,
         broken_after_sec: float = 60.0,
+        max_payload_bytes: int | None = None,
     ) -> None:
+        if max_payload_bytes is not None and (
+                isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int)
+                or max_payload_bytes <= 0):
+            raise ValueError("max_payload_bytes must be a positive integer or None")
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -136,7 +150,8 @@ class HTCGridExecutor(Executor):
             if config is None:
                 from .grid import LocalGrid
 
-                grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child)
+                grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child,
+                                 max_payload_bytes=max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES)
                 grid.start()
                 config = grid.client_config
             try:
@@ -147,6 +162,10 @@ class HTCGridExecutor(Executor):
                     grid.stop()
                 raise
         try:
+            # the smaller of the caller's limit and the one the grid states (a LocalGrid does)
+            stated = (getattr(connector, "client_config", None) or {}).get("max_payload_bytes")
+            limits = [n for n in (max_payload_bytes, stated) if isinstance(n, int) and n > 0]
+            self._max_payload = min(limits) if limits else DEFAULT_MAX_PAYLOAD_BYTES
             key = getattr(connector, "payload_signing_key", None)
             self._init_blob: str | None = None
             if initializer is not None:
@@ -192,8 +211,9 @@ class HTCGridExecutor(Executor):
             fn_blob = pickle_function(fn, key, self._scope)
             cache[id(fn)] = (fn, fn_blob)  # holding fn keeps its id from being reused
         task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob,
-                         scope=self._scope)
-        return self._enqueue([_Call(core, task, raw=False)])[0]
+                         scope=self._scope, limit=self._max_payload)
+        size = check_task_size(task, self._max_payload, fn)
+        return self._enqueue([_Call(core, task, raw=False, size=size)])[0]
 
     def submit_task(self, task: dict[str, Any]) -> Future[Any]:
         """Send a plain HTC-Grid task dict, as it is, to the grid's worker function.
@@ -205,10 +225,14 @@ class HTCGridExecutor(Executor):
         """
         self._check_open()
         try:
-            copy = json.loads(json.dumps(task, allow_nan=False))
+            text = json.dumps(task, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
-        return self._enqueue([_Call(self._core, copy, raw=True)])[0]
+        size = encoded_size(len(text))
+        if size > self._max_payload:
+            raise PayloadError(f"the task is too large for the grid: {size:,} bytes in the data plane, over "
+                               f"the limit of {self._max_payload:,} bytes (max_payload_bytes)")
+        return self._enqueue([_Call(self._core, json.loads(text), raw=True, size=size)])[0]
 
     def map(
         self,
@@ -242,8 +266,10 @@ class HTCGridExecutor(Executor):
 
         def make_call(executor: HTCGridExecutor, chunk: list[tuple[Any, ...]]) -> _Call:
             blob = pickle_chunk(fn, chunk, key)
-            return _Call(executor._core, make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob,
-                                                   scope=executor._scope), raw=False)
+            task = make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob, scope=executor._scope,
+                             limit=executor._max_payload)
+            size = check_task_size(task, executor._max_payload, fn)
+            return _Call(executor._core, task, raw=False, size=size)
 
         fs: collections.deque[Future[list[T]]] = collections.deque()
         try:

@@ -14,7 +14,8 @@ anything is unpickled::
      "fn": "<signed pickle of the callable>",      # the same text for every task of a batch
      "args": "<signed pickle>",                     # call: (args, kwargs); map: [args, ...]
      "init": "<signed pickle of (initializer, initargs)>",   # optional
-     "scope": "<the executor's id>"}                # optional: see _Scope; "fn" is signed for it
+     "scope": "<the executor's id>",                # optional: see _Scope; "fn" is signed for it
+     "limit": 524288000}                            # optional: the most bytes the output may take
 
 The handler never raises for a problem of the task: it answers with an envelope, one of::
 
@@ -53,6 +54,7 @@ from .payload import (
     signing_key_from_env,
     verify_signed,
 )
+from .wire import encoded_size
 
 __all__ = [
     "TASK_MARKER",
@@ -61,6 +63,9 @@ __all__ = [
     "pickle_args",
     "pickle_chunk",
     "make_task",
+    "task_size",
+    "output_size",
+    "check_task_size",
     "is_executor_task",
     "task_binding",
     "decode_output",
@@ -295,7 +300,18 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
         except PayloadError as exc:
             # as ProcessPoolExecutor does: a result that cannot be pickled becomes the error
             return _exception_envelope(exc, key, binding)
-        return {TASK_MARKER: _VERSION, "ok": True, "result": blob, "binding": binding}
+        del result
+        answer = {TASK_MARKER: _VERSION, "ok": True, "result": blob, "binding": binding}
+        limit = event.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool) and output_size(answer) > limit:
+            # checked before anything is written: the data plane never sees an oversized value
+            too_large = PayloadError(
+                f"the result of the call is too large for the grid: {output_size(answer):,} bytes in "
+                f"the data plane (its pickle, about {len(blob) * 3 // 4:,} bytes, encoded), over the "
+                f"limit of {limit:,} bytes (max_payload_bytes): return less, or raise the limit")
+            del answer, blob
+            return _exception_envelope(too_large, key, binding)
+        return answer
     except SignatureError as exc:
         return _failure("signature", str(exc))
     except (PayloadError, KeyError, TypeError, ValueError) as exc:
@@ -398,19 +414,58 @@ def _culprit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def make_task(fn_blob: str, args_blob: str, *, mode: str = "call", init_blob: str | None = None,
-              scope: str = "") -> dict[str, Any]:
+              scope: str = "", limit: int | None = None) -> dict[str, Any]:
     """The JSON-safe task dict the handler runs (``mode``: ``"call"`` or ``"map"``).
 
     ``scope``: the tasks of one scope (one executor) share, in each runner process, the globals
     of the modules their pickles carry by value and the initializer's run; ``fn_blob`` must be
-    pickled for it (``pickle_function(fn, key, scope)``).
+    pickled for it (``pickle_function(fn, key, scope)``). ``limit``: the most bytes the task's
+    output may take in the data plane; a larger result fails the call with PayloadError.
     """
     task: dict[str, Any] = {TASK_MARKER: _VERSION, "mode": mode, "fn": fn_blob, "args": args_blob}
     if init_blob is not None:
         task["init"] = init_blob
     if scope:
         task["scope"] = scope
+    if limit is not None:
+        task["limit"] = limit
     return task
+
+
+def output_size(answer: dict[str, Any]) -> int:
+    """Bytes the handler's ``answer`` takes as a task output in the data plane. Exact for our
+    envelopes: their long strings are base64, which JSON writes as they are."""
+    return encoded_size(_json_length(answer))
+
+
+def task_size(task: dict[str, Any]) -> int:
+    """Bytes a task of :func:`make_task` takes in the data plane (``<task_id>-input``), to a few
+    bytes over: counted without writing its JSON (this runs for every call submitted)."""
+    length = 2
+    for name, value in task.items():  # '"name": "value", ' (text) or '"name": 123, ' (a number)
+        length += len(name) + 6 + (len(value) + 2 if isinstance(value, str) else 20)
+    return encoded_size(length)
+
+
+def _json_length(doc: dict[str, Any]) -> int:
+    # len(json.dumps(doc)) without copying its long base64 strings
+    strings = sum(len(v) for v in doc.values() if isinstance(v, str) and len(v) > 256)
+    short = {k: ("" if isinstance(v, str) and len(v) > 256 else v) for k, v in doc.items()}
+    return len(json.dumps(short)) + strings
+
+
+def check_task_size(task: dict[str, Any], limit: int, fn: Callable[..., Any] | None = None) -> int:
+    """Raise PayloadError if ``task`` is over ``limit`` bytes in the data plane; else its size."""
+    size = task_size(task)
+    if size > limit:
+        what = "the task" if fn is None else f"the call to {_name_of(fn)!r}"
+        pickled = sum(len(v) for k, v in task.items() if k in ("fn", "args", "init") and isinstance(v, str))
+        raise PayloadError(
+            f"{what} is too large for the grid: {size:,} bytes in the data plane (its pickles, about "
+            f"{pickled * 3 // 4:,} bytes, encoded), over the limit of {limit:,} bytes "
+            "(max_payload_bytes): send less per call (e.g. a path or a key the task reads itself), "
+            "a smaller map chunksize, or raise the limit")
+    return size
 
 
 def is_executor_task(obj: Any) -> bool:

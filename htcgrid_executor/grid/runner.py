@@ -23,12 +23,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..wire import decode_task, encode_output
+from ..wire import DEFAULT_MAX_PAYLOAD_BYTES, decode_task, encode_output
 from .child_processes import die_with_parent
 
 __all__ = ["runner_main", "load_handler", "error_document", "LambdaContext"]
 
-DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_OUTPUT_BYTES = DEFAULT_MAX_PAYLOAD_BYTES  # a deployment's own limit may be lower
 
 
 class LambdaContext:
