@@ -27,7 +27,14 @@ from typing import Any, TypeVar
 
 from . import _sessions
 from ._sessions import _Call, _Core
-from .errors import BrokenGridExecutor, ConfigurationError, PayloadError
+from .errors import (
+    BadRequestError,
+    BrokenGridExecutor,
+    ConfigurationError,
+    GridUnavailableError,
+    PayloadError,
+    StorageError,
+)
 from .payload import dumps_signed
 from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size
 from .worker import check_task_size, make_task, pickle_args, pickle_chunk, pickle_function
@@ -157,6 +164,8 @@ class HTCGridExecutor(Executor):
             try:
                 connector = AWSConnector(_load_config(config))
                 connector.authenticate()
+                if grid is None:  # a grid started elsewhere: is it there?
+                    _check_reachable(connector)
             except BaseException:
                 if grid is not None:
                     grid.stop()
@@ -429,6 +438,27 @@ _NO_KEY = (
     "payload_signing_key is not in the client config: pickled calls must be signed with the grid "
     "secret its workers hold in HTCGRID_PAYLOAD_KEY (raw tasks, submit_task, need none)"
 )
+
+
+_PROBE_SESSION = "00000000-0000-0000-0000-000000000000"  # a session id no grid hands out
+
+
+def _check_reachable(connector: Any) -> None:
+    """Fail at construction, naming the address tried, when the grid's control plane or data
+    plane does not answer: else the first call would learn it only ``broken_after_sec`` later.
+    One cheap read of each (with the connector's own few quick retries)."""
+    try:
+        connector.poll_session(_PROBE_SESSION, after=_sessions._FAR_CURSOR)
+    except BadRequestError:
+        pass  # an answer all the same: the control plane is there
+    except GridUnavailableError as exc:
+        url = getattr(connector.config, "api_url", "?")
+        raise GridUnavailableError(f"the grid's control plane at {url} does not answer (is the grid "
+                                   f"running?): {exc}") from exc
+    try:
+        connector.store.get_many([f"{_PROBE_SESSION}_0-output"])
+    except (GridUnavailableError, StorageError) as exc:
+        raise GridUnavailableError(f"the grid's data plane ({connector.store!r}) does not answer: {exc}") from exc
 
 
 def _result_or_cancel(future: Future[T], timeout: float | None = None) -> T:

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from htcgrid_executor import HTCGridExecutor, TaskFailedError
+from htcgrid_executor import GridUnavailableError, HTCGridExecutor, TaskFailedError
 from htcgrid_executor.grid import LocalGrid
 
 
@@ -191,3 +191,12 @@ def _wait_for(condition, timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_an_executor_on_a_grid_that_is_not_running_fails_at_once_naming_it():
+    with LocalGrid(workers=0) as stopped:
+        config = stopped.client_config
+    started = time.monotonic()
+    with pytest.raises(GridUnavailableError, match=f"control plane at {config['public_api_gateway_url']}"):
+        HTCGridExecutor(config=config)
+    assert time.monotonic() - started < 15  # the connector's few quick retries, not broken_after_sec
