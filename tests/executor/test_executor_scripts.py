@@ -200,3 +200,18 @@ def test_an_executor_on_a_grid_that_is_not_running_fails_at_once_naming_it():
     with pytest.raises(GridUnavailableError, match=f"control plane at {config['public_api_gateway_url']}"):
         HTCGridExecutor(config=config)
     assert time.monotonic() - started < 15  # the connector's few quick retries, not broken_after_sec
+
+
+def test_progress_over_as_completed_moves_as_futures_complete(grid_executor: HTCGridExecutor, tmp_path: Path):
+    from concurrent.futures import as_completed
+
+    from executor_tasks import sleep_return
+
+    from htcgrid_executor.progress import progress
+
+    fast = grid_executor.submit(sleep_return, 0, "fast")
+    slow = grid_executor.submit(sleep_return, 3, "slow")
+    bar = progress(as_completed([slow, fast]), total=2, disable=True)
+    first = next(bar)  # yielded while the slow call still runs, not once every future is done
+    assert first is fast and not slow.done()
+    assert [f.result() for f in bar] == ["slow"]
