@@ -44,6 +44,7 @@ __all__ = ["HTCGridExecutor"]
 T = TypeVar("T")
 
 _ENQUEUE_GROUP = 256  # map: calls handed to the sender per lock acquisition
+DEFAULT_RETRY_COUNT = 2  # retries of a task whose worker was lost (see the class docstring)
 
 
 class HTCGridExecutor(Executor):
@@ -72,7 +73,9 @@ class HTCGridExecutor(Executor):
     Grid options, for every task sent: ``priority``; ``task_timeout_sec``, a per-task time limit
     (a task over it is stopped and its future raises ``TaskFailedError``); ``retry_count``, how
     often the grid retries a task whose worker was lost before failing it with
-    ``TaskFailedError`` (None: the grid's default).
+    ``TaskFailedError``: by default 2, so a call that crashes its worker every time runs 3 times
+    (a lost machine is a grid's everyday fault, a call that kills its process is a bug; a
+    process pool breaks at the first); None: the grid's own default (5 on a LocalGrid).
 
     Batching: calls are pickled in the caller and sent by a background thread, up to
     ``batch_size`` calls per ``send`` (one grid session). The sender sends as soon as it is free;
@@ -119,7 +122,7 @@ class HTCGridExecutor(Executor):
         max_tasks_per_child: int | None = None,
         priority: int = 0,
         task_timeout_sec: float | None = None,
-        retry_count: int | None = None,
+        retry_count: int | None = DEFAULT_RETRY_COUNT,
         batch_size: int = 1000,
         batch_window: float = 0.0,
         broken_after_sec: float = 60.0,

@@ -215,3 +215,18 @@ def test_progress_over_as_completed_moves_as_futures_complete(grid_executor: HTC
     first = next(bar)  # yielded while the slow call still runs, not once every future is done
     assert first is fast and not slow.done()
     assert [f.result() for f in bar] == ["slow"]
+
+
+def test_what_cannot_be_called_or_pickled_raises_type_error_as_in_a_process_pool(make_executor):
+    import threading
+
+    from executor_tasks import identity, return_unpicklable
+
+    executor = make_executor()
+    with pytest.raises(TypeError, match="'int' object is not callable"):
+        executor.submit(12345).result(timeout=30)
+    with pytest.raises(TypeError, match="lock"):  # the grid refuses it at submit, the pool in result()
+        executor.submit(identity, threading.Lock()).result(timeout=30)
+    with pytest.raises(TypeError, match="lock"):
+        executor.submit(return_unpicklable).result(timeout=30)
+    assert executor.submit(identity, 7).result(timeout=30) == 7
