@@ -230,3 +230,4 @@ def test_what_cannot_be_called_or_pickled_raises_type_error_as_in_a_process_pool
     with pytest.raises(TypeError, match="lock"):
         executor.submit(return_unpicklable).result(timeout=30)
     assert executor.submit(identity, 7).result(timeout=30) == 7
+
