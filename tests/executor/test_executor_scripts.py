@@ -231,3 +231,46 @@ def test_what_cannot_be_called_or_pickled_raises_type_error_as_in_a_process_pool
         executor.submit(return_unpicklable).result(timeout=30)
     assert executor.submit(identity, 7).result(timeout=30) == 7
 
+
+LATE_MODULE_SCRIPT = """
+    import importlib.util, json, os, sys
+    from htcgrid_executor import HTCGridExecutor
+
+    def module_at(folder, name):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name + ".py"), "w") as handle:
+            handle.write("def twice(x):\\n    return 2 * x\\n")
+
+    if __name__ == "__main__":
+        out = {}
+        with HTCGridExecutor(config=sys.argv[1]) as executor:
+            module_at("late_path", "late_on_path")
+            sys.path.append(os.path.abspath("late_path"))  # after the grid started
+            import late_on_path
+            module_at("elsewhere", "loaded_by_hand")
+            spec = importlib.util.spec_from_file_location("loaded_by_hand", "elsewhere/loaded_by_hand.py")
+            by_hand = importlib.util.module_from_spec(spec)
+            sys.modules["loaded_by_hand"] = by_hand
+            spec.loader.exec_module(by_hand)
+            for module in (late_on_path, by_hand):
+                try:
+                    out[module.__name__] = executor.submit(module.twice, 21).result()
+                except Exception as exc:
+                    out[module.__name__] = [type(exc).__name__, str(exc)]
+            out["next call"] = executor.submit(abs, -3).result()
+        print(json.dumps(out))
+"""
+
+
+def test_a_module_the_workers_cannot_import_fails_naming_it_and_what_to_do(grid: LocalGrid, tmp_path: Path):
+    config = grid.write_client_config(tmp_path / "grid.json")
+    result = run_script(tmp_path, LATE_MODULE_SCRIPT, str(config))
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    for name in ("late_on_path", "loaded_by_hand"):
+        kind, message = out[name]
+        assert kind == "ModuleNotFoundError"
+        assert f"needs the module {name!r}" in message
+        assert "PYTHONPATH" in message and "register_pickle_by_value" in message
+        assert "malformed" not in message
+    assert out["next call"] == 3
