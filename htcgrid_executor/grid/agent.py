@@ -200,7 +200,10 @@ class Agent:
                         self._batch = (min(self.settings.max_batch, self._batch * 2)
                                        if per_task < 0.005 else 1)
                     else:
-                        # idle: sleep on the doorbell, rung by submits and by claims that left work
+                        # idle: the next work may be long tasks, which must start in submission
+                        # order across agents (not 16 to one agent): claims grow again from 1
+                        self._batch = 1
+                        # sleep on the doorbell, rung by submits and by claims that left work
                         self.idle = True
                         try:
                             waiter.blpop([key_for("doorbell")], timeout=1)

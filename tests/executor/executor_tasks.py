@@ -162,3 +162,11 @@ def pool_inside_a_task(values):
 
     with multiprocessing.Pool(2) as pool:
         return pool.map(abs, values)
+
+
+def sleep_or_fail(x, bad, seconds):
+    """Fail at once for ``bad``, else sleep: a map whose one bad item must be seen early."""
+    if x == bad:
+        raise KeyError(x)
+    time.sleep(seconds)
+    return x

@@ -274,3 +274,24 @@ def test_a_module_the_workers_cannot_import_fails_naming_it_and_what_to_do(grid:
         assert "PYTHONPATH" in message and "register_pickle_by_value" in message
         assert "malformed" not in message
     assert out["next call"] == 3
+
+
+def test_calls_start_in_submission_order_after_a_burst_of_tiny_tasks():
+    """Agents claim tiny tasks in batches (throughput), but a later burst of slow calls must start
+    in order across agents, or wait(FIRST_EXCEPTION) waits for calls submitted after the bad one."""
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    from executor_tasks import sleep_or_fail
+
+    with HTCGridExecutor(max_workers=2) as executor:  # the embedded grid claims up to 16 at a time
+        for _ in range(3):  # which agent gives its batch back first is a race: try it thrice
+            assert sum(executor.map(abs, range(2000))) == sum(range(2000))
+            futures = [executor.submit(sleep_or_fail, i, 5, 0.1) for i in range(40)]
+            done, _ = wait(futures, timeout=30, return_when=FIRST_EXCEPTION)
+            assert futures[5] in done
+            # a process pool has 5 done here (0-4, two at a time); 16 calls claimed by one agent
+            # and given back behind the other's made it 21
+            assert len(done) <= 8, sorted(futures.index(f) for f in done)
+            for future in futures:
+                future.cancel()
+            wait(futures, timeout=30)
