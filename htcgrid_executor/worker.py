@@ -180,10 +180,12 @@ def _set_scoped_function_state(scope: _Scope, setstate: Callable[[Any, Any], Non
 
 _FUNCTION_CACHE_SIZE = 32
 
-# Scopes by the id an executor puts in its tasks; bounded: a long-lived runner serves many
-# executors. An evicted scope is rebuilt (initializer included) as a fresh worker would be.
+# Scopes by the id an executor puts in its tasks, least recently used first. Bounded, and small:
+# a long-lived runner serves executor after executor, and each scope holds what its initializer
+# loaded (a model, say) until evicted; an evicted scope is rebuilt (initializer included) as a
+# fresh worker process would be.
 _SCOPES: OrderedDict[str, _Scope] = OrderedDict()
-_SCOPE_LIMIT = 16
+_SCOPE_LIMIT = 4
 
 
 def _scope_named(name: str) -> _Scope:
