@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 from . import _sessions
 from ._sessions import _Call, _Core
 from .errors import (
-    BadRequestError,
+    AuthenticationError,
     BrokenGridExecutor,
     ConfigurationError,
+    ControlPlaneError,
     GridUnavailableError,
     PayloadError,
     StorageError,
@@ -452,8 +453,10 @@ def _check_reachable(connector: Any) -> None:
     One cheap read of each (with the connector's own few quick retries)."""
     try:
         connector.poll_session(_PROBE_SESSION, after=_sessions._FAR_CURSOR)
-    except BadRequestError:
-        pass  # an answer all the same: the control plane is there
+    except AuthenticationError:
+        raise  # wrong credentials: better said now than at the first call
+    except ControlPlaneError:
+        pass  # an answer all the same (a 404 here; a deployment's 542): the control plane is there
     except GridUnavailableError as exc:
         url = getattr(connector.config, "api_url", "?")
         raise GridUnavailableError(f"the grid's control plane at {url} does not answer (is the grid "
