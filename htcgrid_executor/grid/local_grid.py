@@ -55,6 +55,9 @@ def _stop_live_grids() -> None:
         grid.stop()
 
 
+_AGENT_MAIN = "from htcgrid_executor.grid.agent import main; raise SystemExit(main())"
+
+
 def start_agent_process(settings: AgentSettings, payload_signing_key: str | None,
                         env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start one agent process (tied to this process's life) with ``settings``.
@@ -69,7 +72,9 @@ def start_agent_process(settings: AgentSettings, payload_signing_key: str | None
     child_env[AGENT_CONFIG_ENV] = settings.to_json()
     if payload_signing_key:
         child_env[PAYLOAD_KEY_ENV] = payload_signing_key
-    return spawn([sys.executable, "-m", "htcgrid_executor.grid.agent"], env=child_env, cwd=os.getcwd())
+    # -c, not -m: the runners (multiprocessing spawn children) then import no __main__ module
+    # again, nor the agent's imports (redis), so a new runner is ready sooner
+    return spawn([sys.executable, "-c", _AGENT_MAIN], env=child_env, cwd=os.getcwd())
 
 
 class LocalGrid:
