@@ -141,9 +141,9 @@ class _Scope:
 
 class _ScopedUnpickler(pickle.Unpickler):
     """An unpickler that routes cloudpickle's two by-value function constructors through a
-    :class:`_Scope`. Anything else unpickles as ``pickle.loads`` would. (cloudpickle 2.2-3.x name
-    them ``_make_function`` and ``_function_setstate``; a version that renames them loses only
-    the sharing, and the tests that check it fail.)"""
+    :class:`_Scope`. Anything else unpickles as ``pickle.loads`` would. (cloudpickle 3.x names
+    them ``_make_function`` and ``_function_setstate``, which pyproject.toml pins; a version that
+    renames them loses only the sharing, and the tests that check it fail.)"""
 
     def __init__(self, file: io.BytesIO, scope: _Scope) -> None:
         super().__init__(file)
