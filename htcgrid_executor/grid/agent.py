@@ -409,7 +409,10 @@ class Agent:
         """Decide the batch after its runner was killed or died: the task it was running is
         timed out, retried (crash) or released (stop); the others go back to the queue."""
         runner.process.join(5)
-        runner.kill_group()  # what the task started dies with it (a crash leaves them running)
+        # what the task started dies with it (a crash leaves them running), and a runner that did
+        # not end is not left for multiprocessing to wait for at the agent's exit (not daemonic)
+        runner.kill()
+        runner.process.join(1)
         how = describe_exit(runner.process.exitcode)
         runner.conn.close()
         index = runner.running_index  # -1: it died before starting the batch, no task to blame
