@@ -22,10 +22,8 @@ import cloudpickle
 
 from .errors import PayloadError, SignatureError
 
-__all__ = [
-    "PAYLOAD_KEY_ENV", "new_signing_key", "signing_key_from_env", "dumps_signed", "loads_signed",
-    "verify_signed",
-]
+__all__ = ["PAYLOAD_KEY_ENV", "new_signing_key", "signing_key_from_env", "dumps_signed", "loads_signed",
+           "sign_bytes", "verify_bytes"]
 
 #: environment variable through which agents and deployed workers receive the grid secret
 PAYLOAD_KEY_ENV = "HTCGRID_PAYLOAD_KEY"
@@ -66,27 +64,9 @@ def sign_bytes(data: bytes, key: str, context: str = "") -> str:
     return f"{_PREFIX}{mac}.{base64.b64encode(data).decode()}"
 
 
-def loads_signed(text: str, key: str, context: str = "") -> Any:
-    """Check the signature of ``text`` and only then unpickle it.
-
-    ``context``: what the blob was signed for (a task's outputs are signed for that task); a blob
-    signed for another context does not verify.
-
-    Raises SignatureError when the HMAC does not match (nothing is unpickled), PayloadError when
-    the text is not a signed blob at all or the pickle cannot be loaded.
-    """
-    data = verify_signed(text, key, context)
-    try:
-        return pickle.loads(data)
-    except ModuleNotFoundError as exc:
-        raise PayloadError(missing_module_message(exc)) from exc
-    except Exception as exc:  # unpickling can raise anything (missing module, broken __setstate__)
-        raise PayloadError(f"cannot unpickle payload: {exc}") from exc
-
-
-def verify_signed(text: str, key: str, context: str = "") -> bytes:
-    """The pickle inside ``text`` once its signature is checked (see :func:`loads_signed`):
-    for a caller that unpickles it its own way. Raises SignatureError or PayloadError."""
+def verify_bytes(text: str, key: str, context: str = "") -> bytes:
+    """The data of a signed blob (:func:`sign_bytes`) once its signature is checked. Raises
+    SignatureError when the HMAC does not match, PayloadError when ``text`` is not a signed blob."""
     if not isinstance(text, str) or not text.startswith(_PREFIX):
         raise PayloadError("payload is not a signed htcgrid_executor blob")
     try:
@@ -98,6 +78,24 @@ def verify_signed(text: str, key: str, context: str = "") -> bytes:
     if not hmac.compare_digest(mac, _mac(key, data, context)):
         raise SignatureError("payload signature does not match the grid secret; refusing to unpickle it")
     return data
+
+
+def loads_signed(text: str, key: str, context: str = "") -> Any:
+    """Check the signature of ``text`` and only then unpickle it.
+
+    ``context``: what the blob was signed for (a task's outputs are signed for that task); a blob
+    signed for another context does not verify.
+
+    Raises SignatureError when the HMAC does not match (nothing is unpickled), PayloadError when
+    the text is not a signed blob at all or the pickle cannot be loaded.
+    """
+    data = verify_bytes(text, key, context)
+    try:
+        return pickle.loads(data)
+    except ModuleNotFoundError as exc:
+        raise PayloadError(missing_module_message(exc)) from exc
+    except Exception as exc:  # unpickling can raise anything (missing module, broken __setstate__)
+        raise PayloadError(f"cannot unpickle payload: {exc}") from exc
 
 
 def missing_module_message(exc: ModuleNotFoundError) -> str:

@@ -52,7 +52,7 @@ from .payload import (
     missing_module_message,
     sign_bytes,
     signing_key_from_env,
-    verify_signed,
+    verify_bytes,
 )
 from .wire import encoded_size
 
@@ -101,7 +101,7 @@ class _Scope:
     def loads(self, text: str, key: str, context: str = "") -> Any:
         """:func:`~htcgrid_executor.payload.loads_signed`, binding by-value functions to this
         scope's namespaces."""
-        data = verify_signed(text, key, context)
+        data = verify_bytes(text, key, context)
         try:
             return _ScopedUnpickler(io.BytesIO(data), self).load()
         except ModuleNotFoundError as exc:
