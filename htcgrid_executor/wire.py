@@ -50,12 +50,6 @@ __all__ = [
 #: what a deployment puts in ``*_OUTPUT`` lists: a pointer to the data plane, never data
 OUTPUT_PLACEHOLDER = "read_from_dataplane"
 
-#: the largest ``<task_id>-input`` or ``-output`` value the grid moves by default: under Redis's
-#: 512 MiB limit on one value (``proto-max-bulk-len``), which drops the connection of a client
-#: that sends more. Executors and grids take a smaller (or, for a Redis configured for it, a
-#: larger) ``max_payload_bytes``.
-DEFAULT_MAX_PAYLOAD_BYTES = 500 * 1024 * 1024
-
 _SESSION_ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
 
 # The stats keys a deployment's functions index into: all must be present.
@@ -116,6 +110,13 @@ def encode_task(task: Any) -> bytes:
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
     return base64.b64encode(text.encode())
+
+
+#: the largest ``<task_id>-input`` or ``-output`` value the grid moves by default: under Redis's
+#: 512 MiB limit on one value (``proto-max-bulk-len``), which drops the connection of a client
+#: that sends more. Executors and grids take a smaller (or, for a Redis configured for it, a
+#: larger) ``max_payload_bytes``.
+DEFAULT_MAX_PAYLOAD_BYTES = 500 * 1024 * 1024
 
 
 def encoded_size(json_length: int) -> int:

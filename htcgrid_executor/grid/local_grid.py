@@ -55,9 +55,6 @@ def _stop_live_grids() -> None:
         grid.stop()
 
 
-_AGENT_MAIN = "from htcgrid_executor.grid.agent import main; raise SystemExit(main())"
-
-
 def start_agent_process(settings: AgentSettings, payload_signing_key: str | None,
                         env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start one agent process (tied to this process's life) with ``settings``.
@@ -74,7 +71,8 @@ def start_agent_process(settings: AgentSettings, payload_signing_key: str | None
         child_env[PAYLOAD_KEY_ENV] = payload_signing_key
     # -c, not -m: the runners (multiprocessing spawn children) then import no __main__ module
     # again, nor the agent's imports (redis), so a new runner is ready sooner
-    return spawn([sys.executable, "-c", _AGENT_MAIN], env=child_env, cwd=os.getcwd())
+    main = "from htcgrid_executor.grid.agent import main; raise SystemExit(main())"
+    return spawn([sys.executable, "-c", main], env=child_env, cwd=os.getcwd())
 
 
 class LocalGrid:
@@ -325,10 +323,10 @@ class LocalGrid:
             "cognito_userpool_client_id": "",
             "dynamodb_results_pull_interval_sec": 0.05,
             "task_input_passed_via_external_storage": 1,
+            "max_payload_bytes": self.max_payload_bytes,  # an extension: executors check against it
             "region": "local",
             "intra_vpc": 1,
             "payload_signing_key": self.payload_signing_key,
-            "max_payload_bytes": self.max_payload_bytes,
             "htcgrid_redis_control_url": self.redis_url,
             "htcgrid_agent_settings": {k: v for k, v in self._agent_template.items() if k != "handler"}
             | {"handler": self.handler},
