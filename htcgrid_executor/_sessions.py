@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+import sys
 import threading
 import time
 import warnings
@@ -51,6 +52,7 @@ _CALL_SEC = re.compile(r'"call_sec": ([0-9.e-]+)\}$')
 _CHUNK_TARGET_SEC = 1.0  # a deployment's task should last about this long (per-task overhead ~0.5-1 s)
 _MAX_AUTO_CHUNK = 1000
 _GUARD_LEASE_SEC = 30.0  # the run marker's lease on a deployment (renewed every third of it)
+_BATCH_BYTES = 64 * 1024 * 1024  # task inputs per send (one call at least)
 
 # Set at interpreter exit (before non-daemon threads are joined): threads then finish what was
 # submitted and stop, as ProcessPoolExecutor's manager thread does.
@@ -65,7 +67,13 @@ def _python_exit() -> None:
     _global_shutdown = True
     with _live_lock:
         cores = list(_live_cores)
+    # the program ends on Ctrl-C (an unhandled KeyboardInterrupt): stop the work instead of
+    # finishing it, as a process pool's workers, which got the SIGINT too, stop
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    interrupted = isinstance(last, KeyboardInterrupt)
     for core in cores:
+        if interrupted:
+            core.request_stop(cancel_futures=True, kill_running=True)
         core.wake()
     for core in cores:
         core.join()
@@ -91,10 +99,11 @@ class _Call:
     ``set_running_or_notify_cancel()`` for the future, which must happen exactly once.
     """
 
-    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding")
+    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding", "size")
 
-    def __init__(self, core: _Core, task: dict[str, Any], raw: bool) -> None:
+    def __init__(self, core: _Core, task: dict[str, Any], raw: bool, size: int = 0) -> None:
         self.future: Future[Any] = Future()
+        self.size = size  # bytes its task takes in the data plane: batches are capped by it
         self.task: dict[str, Any] | None = task  # dropped once sent
         # what its output must be signed for: an output copied from another task is refused
         self.binding: str | None = task_binding(task) if is_executor_task(task) else None
@@ -527,10 +536,14 @@ class _Core:
         """Move up to batch_size calls into a new registered session; lock held."""
         batch: list[_Call] = []
         buffer = self.buffer
-        while buffer and len(batch) < self.batch_size:
+        size = 0
+        # and at most _BATCH_BYTES of inputs (one call at least): one write of several large
+        # tasks would pass Redis's 1 GiB limit on a client's query and drop the connection
+        while buffer and len(batch) < self.batch_size and (not batch or size + buffer[0].size <= _BATCH_BYTES):
             call = buffer.popleft()
             if not call.claimed:  # claimed while unsent means cancelled: never send it
                 batch.append(call)
+                size += call.size
         if buffer:
             self.buffer_since = time.monotonic()
         self.fn_cache = {}  # a function is pickled once per batch

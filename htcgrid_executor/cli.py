@@ -148,6 +148,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (else argparse's one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="htcgrid-executor",
                                      description="Run Python on an HTC-Grid through concurrent.futures.")
@@ -155,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="the main job: a parameter sweep on an embedded local grid")
-    demo.add_argument("--workers", type=int, default=None, help="agents (default: one per CPU)")
+    demo.add_argument("--workers", type=_positive_int, default=None, help="agents (default: one per CPU)")
     demo.add_argument("--strikes", type=int, default=8, help="strikes in the sweep (default 8)")
     demo.add_argument("--vols", type=int, default=6, help="volatilities in the sweep (default 6)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,7 +10,8 @@
     │   └── BadRequestError           4xx: the grid rejected the request as malformed (names the problem)
     ├── GridUnavailableError          the control plane or data plane cannot be reached (after retries)
     ├── StorageError                  the data plane failed a read or write
-    ├── PayloadError                  a call, result or task cannot be encoded or decoded
+    ├── PayloadError                  a call, result or task cannot be encoded or decoded, or is
+    │   │                             too large (also TypeError, as pickling errors are, and ValueError)
     │   └── SignatureError            a pickled payload's HMAC does not match: it is never unpickled
     ├── TaskFailedError               the grid marked a task failed (worker lost after its retries,
     │                                 time limit); ``.reason`` says why
@@ -85,8 +86,11 @@ class StorageError(GridError):
     """The data plane (Redis or S3) failed a read or a write."""
 
 
-class PayloadError(GridError, ValueError):
-    """A call, a result or a task could not be encoded or decoded."""
+class PayloadError(GridError, TypeError, ValueError):
+    """A call, a result or a task could not be encoded or decoded, or is too large for the grid.
+
+    A ``TypeError`` (what pickling raises, and so what ``ProcessPoolExecutor`` gives for an
+    argument or a result that cannot be pickled) and, as before, a ``ValueError``."""
 
 
 class SignatureError(PayloadError):

@@ -18,6 +18,7 @@ import collections
 import itertools
 import json
 import os
+import secrets
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -26,15 +27,25 @@ from typing import Any, TypeVar
 
 from . import _sessions
 from ._sessions import _Call, _Core
-from .errors import BrokenGridExecutor, ConfigurationError, PayloadError
+from .errors import (
+    AuthenticationError,
+    BrokenGridExecutor,
+    ConfigurationError,
+    ControlPlaneError,
+    GridUnavailableError,
+    PayloadError,
+    StorageError,
+)
 from .payload import dumps_signed
-from .worker import make_task, pickle_args, pickle_chunk, pickle_function
+from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size
+from .worker import check_task_size, make_task, pickle_args, pickle_chunk, pickle_function
 
 __all__ = ["HTCGridExecutor"]
 
 T = TypeVar("T")
 
 _ENQUEUE_GROUP = 256  # map: calls handed to the sender per lock acquisition
+DEFAULT_RETRY_COUNT = 2  # retries of a task whose worker was lost (see the class docstring)
 
 
 class HTCGridExecutor(Executor):
@@ -63,7 +74,9 @@ class HTCGridExecutor(Executor):
     Grid options, for every task sent: ``priority``; ``task_timeout_sec``, a per-task time limit
     (a task over it is stopped and its future raises ``TaskFailedError``); ``retry_count``, how
     often the grid retries a task whose worker was lost before failing it with
-    ``TaskFailedError`` (None: the grid's default).
+    ``TaskFailedError``: by default 2, so a call that crashes its worker every time runs 3 times
+    (a lost machine is a grid's everyday fault, a call that kills its process is a bug; a
+    process pool breaks at the first); None: the grid's own default (5 on a LocalGrid).
 
     Batching: calls are pickled in the caller and sent by a background thread, up to
     ``batch_size`` calls per ``send`` (one grid session). The sender sends as soon as it is free;
@@ -72,6 +85,14 @@ class HTCGridExecutor(Executor):
 
     ``broken_after_sec``: if the grid cannot be reached for that long, every pending future fails
     with ``BrokenGridExecutor`` and the executor refuses new work.
+
+    ``max_payload_bytes``: the most bytes one task (a call's or a map chunk's function and
+    arguments) or one result may take in the grid's data plane, where pickles travel encoded
+    (about 1.8 times the pickle's size). Default, and never more than: what the grid states
+    (a ``LocalGrid``'s ``max_payload_bytes``), else 500 MiB, under Redis's 512 MiB per value.
+    A larger call raises ``PayloadError`` in ``submit``/``map`` naming its size and the limit; a
+    larger result fails that call's future with ``PayloadError`` before anything is written.
+    Either way nothing oversized reaches the grid, and the executor goes on working.
 
     What a grid changes in the ``Future`` contract (nothing else does):
         * ``running()`` becomes True when the grid reports the task processing (an agent that
@@ -102,11 +123,16 @@ class HTCGridExecutor(Executor):
         max_tasks_per_child: int | None = None,
         priority: int = 0,
         task_timeout_sec: float | None = None,
-        retry_count: int | None = None,
+        retry_count: int | None = DEFAULT_RETRY_COUNT,
         batch_size: int = 1000,
         batch_window: float = 0.0,
         broken_after_sec: float = 60.0,
+        max_payload_bytes: int | None = None,
     ) -> None:
+        if max_payload_bytes is not None and (
+                isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int)
+                or max_payload_bytes <= 0):
+            raise ValueError("max_payload_bytes must be a positive integer or None")
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -124,6 +150,8 @@ class HTCGridExecutor(Executor):
             raise ValueError("pass connector= or config=, not both")
         del mp_context  # accepted for drop-in compatibility: a grid starts no local process
         self._max_workers = max_workers
+        # the tasks of this executor share their script's globals in each runner (see worker._Scope)
+        self._scope = secrets.token_hex(8)
 
         grid = None
         owns_connector = connector is None
@@ -133,17 +161,24 @@ class HTCGridExecutor(Executor):
             if config is None:
                 from .grid import LocalGrid
 
-                grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child)
+                grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child,
+                                 max_payload_bytes=max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES)
                 grid.start()
                 config = grid.client_config
             try:
                 connector = AWSConnector(_load_config(config))
                 connector.authenticate()
+                if grid is None:  # a grid started elsewhere: is it there?
+                    _check_reachable(connector)
             except BaseException:
                 if grid is not None:
                     grid.stop()
                 raise
         try:
+            # the smaller of the caller's limit and the one the grid states (a LocalGrid does)
+            stated = (getattr(connector, "client_config", None) or {}).get("max_payload_bytes")
+            limits = [n for n in (max_payload_bytes, stated) if isinstance(n, int) and n > 0]
+            self._max_payload = min(limits) if limits else DEFAULT_MAX_PAYLOAD_BYTES
             key = getattr(connector, "payload_signing_key", None)
             self._init_blob: str | None = None
             if initializer is not None:
@@ -186,10 +221,12 @@ class HTCGridExecutor(Executor):
         if entry is not None and entry[0] is fn:
             fn_blob = entry[1]
         else:
-            fn_blob = pickle_function(fn, key)
+            fn_blob = pickle_function(fn, key, self._scope)
             cache[id(fn)] = (fn, fn_blob)  # holding fn keeps its id from being reused
-        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob)
-        return self._enqueue([_Call(core, task, raw=False)])[0]
+        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob,
+                         scope=self._scope, limit=self._max_payload)
+        size = check_task_size(task, self._max_payload, fn)
+        return self._enqueue([_Call(core, task, raw=False, size=size)])[0]
 
     def submit_task(self, task: dict[str, Any]) -> Future[Any]:
         """Send a plain HTC-Grid task dict, as it is, to the grid's worker function.
@@ -201,10 +238,14 @@ class HTCGridExecutor(Executor):
         """
         self._check_open()
         try:
-            copy = json.loads(json.dumps(task, allow_nan=False))
+            text = json.dumps(task, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
-        return self._enqueue([_Call(self._core, copy, raw=True)])[0]
+        size = encoded_size(len(text))
+        if size > self._max_payload:
+            raise PayloadError(f"the task is too large for the grid: {size:,} bytes in the data plane, over "
+                               f"the limit of {self._max_payload:,} bytes (max_payload_bytes)")
+        return self._enqueue([_Call(self._core, json.loads(text), raw=True, size=size)])[0]
 
     def map(
         self,
@@ -236,7 +277,7 @@ class HTCGridExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         self._check_open()
         key = self._key()
-        fn_blob = pickle_function(fn, key)
+        fn_blob = pickle_function(fn, key, self._scope)
         items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         if chunksize is None:
             if self._core.deployment and buffersize is None:
@@ -249,10 +290,12 @@ class HTCGridExecutor(Executor):
 
         def make_call(executor: HTCGridExecutor, chunk: list[tuple[Any, ...]]) -> _Call:
             blob = pickle_chunk(fn, chunk, key)
-            task = make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob)
+            task = make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob, scope=executor._scope,
+                             limit=executor._max_payload)
             if executor._core.deployment:
                 task["calls"] = len(chunk)  # the guard reports the time per call
-            return _Call(executor._core, task, raw=False)
+            size = check_task_size(task, executor._max_payload, fn)
+            return _Call(executor._core, task, raw=False, size=size)
 
         fs: collections.deque[Future[list[T]]] = collections.deque()
         try:
@@ -320,6 +363,14 @@ class HTCGridExecutor(Executor):
         self._core.request_stop(cancel_futures=cancel_futures, kill_running=kill_running)
         if wait:
             self._core.join()
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        """``shutdown(wait=True)``, as the stdlib's; leaving on ``KeyboardInterrupt`` (Ctrl-C) also
+        cancels what has not started and stops what is running, so the program ends at once (a
+        process pool's workers get the terminal's SIGINT too; the grid's processes do not)."""
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.shutdown(wait=True, cancel_futures=interrupted, kill_running=interrupted)
+        return False
 
     def kill_running(self) -> int:
         """Stop the tasks whose futures are running (the grid reported them processing): their
@@ -404,6 +455,29 @@ _NO_KEY = (
     "payload_signing_key is not in the client config: pickled calls must be signed with the grid "
     "secret its workers hold in HTCGRID_PAYLOAD_KEY (raw tasks, submit_task, need none)"
 )
+
+
+_PROBE_SESSION = "00000000-0000-0000-0000-000000000000"  # a session id no grid hands out
+
+
+def _check_reachable(connector: Any) -> None:
+    """Fail at construction, naming the address tried, when the grid's control plane or data
+    plane does not answer: else the first call would learn it only ``broken_after_sec`` later.
+    One cheap read of each (with the connector's own few quick retries)."""
+    try:
+        connector.poll_session(_PROBE_SESSION, after=_sessions._FAR_CURSOR)
+    except AuthenticationError:
+        raise  # wrong credentials: better said now than at the first call
+    except ControlPlaneError:
+        pass  # an answer all the same (a 404 here; a deployment's 542): the control plane is there
+    except GridUnavailableError as exc:
+        url = getattr(connector.config, "api_url", "?")
+        raise GridUnavailableError(f"the grid's control plane at {url} does not answer (is the grid "
+                                   f"running?): {exc}") from exc
+    try:
+        connector.store.get_many([f"{_PROBE_SESSION}_0-output"])
+    except (GridUnavailableError, StorageError) as exc:
+        raise GridUnavailableError(f"the grid's data plane ({connector.store!r}) does not answer: {exc}") from exc
 
 
 def _result_or_cancel(future: Future[T], timeout: float | None = None) -> T:

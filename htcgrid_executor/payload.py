@@ -92,8 +92,20 @@ def loads_signed(text: str, key: str, context: str = "") -> Any:
     data = verify_bytes(text, key, context)
     try:
         return pickle.loads(data)
+    except ModuleNotFoundError as exc:
+        raise PayloadError(missing_module_message(exc)) from exc
     except Exception as exc:  # unpickling can raise anything (missing module, broken __setstate__)
         raise PayloadError(f"cannot unpickle payload: {exc}") from exc
+
+
+def missing_module_message(exc: ModuleNotFoundError) -> str:
+    """What to do when a pickle names a module this process cannot import."""
+    return (f"cannot unpickle payload: it needs the module {exc.name!r}, which cannot be imported "
+            "here. Pickles name functions and classes of importable modules by reference: make "
+            f"{exc.name!r} importable where this runs (install it, or put its folder on PYTHONPATH "
+            "before the grid starts: a folder added to sys.path or a module loaded with importlib "
+            "after that is not seen by its agents), or send it by value with "
+            f"cloudpickle.register_pickle_by_value(module) in the client ({exc})")
 
 
 def _describe(obj: Any) -> str:

@@ -32,9 +32,11 @@ def progress(
 ) -> Iterator[Any]:
     """Iterate over ``items`` with a progress bar.
 
-    * ``items`` holds ``Future`` objects (a list, a set, a dict's keys, any iterable of them):
-      the futures are yielded as they complete (``as_completed``, with its ``timeout``), and the
-      bar counts completed futures. Its total is ``len(items)`` (all futures are collected first).
+    * ``items`` is a collection of ``Future`` objects (a list, a set, a dict's keys: anything
+      with a ``len``): the futures are yielded as they complete (``as_completed``, with its
+      ``timeout``), and the bar counts completed futures; its total is ``len(items)``.
+    * ``items`` is an iterator of futures, such as ``as_completed(fs)``: they are yielded in its
+      order, and the bar moves as each arrives (pass ``total=len(fs)`` for a percentage).
     * anything else (e.g. the iterator ``Executor.map`` returns): its values are yielded in their
       order and the bar counts them; ``total`` defaults to ``len(items)`` when it has one (a map
       iterator has none: pass ``total`` for a percentage and an ETA).
@@ -42,17 +44,18 @@ def progress(
     The bar shows at once; nothing is taken from ``items`` before the first value is asked for.
     It closes when the iteration ends, raises, or is abandoned (the generator is closed).
     """
+    try:
+        length: int | None = len(items)  # type: ignore[arg-type]
+    except TypeError:
+        length = None
     if total is None:
-        try:
-            total = len(items)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
+        total = length
     iterator = iter(items)
     with tqdm(total=total, **tqdm_kwargs) as bar:
         first = next(iterator, _NOTHING)
         if first is _NOTHING:
             return
-        if isinstance(first, Future):
+        if isinstance(first, Future) and length is not None:
             futures = [first, *iterator]
             bar.reset(total=len(futures))
             for future in as_completed(futures, timeout=timeout):

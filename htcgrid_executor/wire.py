@@ -26,6 +26,8 @@ from .errors import PayloadError
 
 __all__ = [
     "OUTPUT_PLACEHOLDER",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "encoded_size",
     "new_session_id",
     "task_ids_for",
     "session_of",
@@ -108,6 +110,19 @@ def encode_task(task: Any) -> bytes:
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
     return base64.b64encode(text.encode())
+
+
+#: the largest ``<task_id>-input`` or ``-output`` value the grid moves by default: under Redis's
+#: 512 MiB limit on one value (``proto-max-bulk-len``), which drops the connection of a client
+#: that sends more. Executors and grids take a smaller (or, for a Redis configured for it, a
+#: larger) ``max_payload_bytes``.
+DEFAULT_MAX_PAYLOAD_BYTES = 500 * 1024 * 1024
+
+
+def encoded_size(json_length: int) -> int:
+    """Bytes a value whose JSON text is ``json_length`` characters takes in the data plane
+    (``<task_id>-input`` and ``-output`` hold standard base64 of it)."""
+    return 4 * ((json_length + 2) // 3)
 
 
 def decode_task(data: bytes | str) -> Any:

@@ -13,7 +13,9 @@ anything is unpickled::
      "mode": "call" | "map",
      "fn": "<signed pickle of the callable>",      # the same text for every task of a batch
      "args": "<signed pickle>",                     # call: (args, kwargs); map: [args, ...]
-     "init": "<signed pickle of (initializer, initargs)>"}   # optional
+     "init": "<signed pickle of (initializer, initargs)>",   # optional
+     "scope": "<the executor's id>",                # optional: see _Scope; "fn" is signed for it
+     "limit": 524288000}                            # optional: the most bytes the output may take
 
 The handler never raises for a problem of the task: it answers with an envelope, one of::
 
@@ -30,9 +32,13 @@ deployment's worker function needs nothing else.
 
 from __future__ import annotations
 
+import builtins
+import functools
+import io
 import json
 import pickle
 import traceback
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -41,7 +47,15 @@ from typing import Any
 import cloudpickle
 
 from .errors import ConfigurationError, PayloadError, RemoteError, SignatureError, TaskFailedError
-from .payload import PAYLOAD_KEY_ENV, loads_signed, sign_bytes, signing_key_from_env
+from .payload import (
+    PAYLOAD_KEY_ENV,
+    loads_signed,
+    missing_module_message,
+    sign_bytes,
+    signing_key_from_env,
+    verify_bytes,
+)
+from .wire import encoded_size
 
 __all__ = [
     "TASK_MARKER",
@@ -50,6 +64,9 @@ __all__ = [
     "pickle_args",
     "pickle_chunk",
     "make_task",
+    "task_size",
+    "output_size",
+    "check_task_size",
     "is_executor_task",
     "task_binding",
     "decode_output",
@@ -59,16 +76,128 @@ __all__ = [
 TASK_MARKER = "htcgrid_executor"
 _VERSION = 1
 
-# Unpickled callables by the exact text of their signed pickle. Every task of a map carries the
-# same text, so a runner unpickles (and verifies) a function once, not once per task. The text is
-# the key, not its MAC alone, so a hit means these exact bytes were verified before. Bounded: a
-# long-lived runner may see many different functions.
-_FUNCTIONS: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+class _Scope:
+    """What the tasks of one executor share in a runner process, as a ProcessPoolExecutor's
+    worker shares it between the initializer and the calls: the globals of the client's modules
+    sent by value (its script's ``__main__`` above all), the initializers that ran, and the
+    functions unpickled.
+
+    cloudpickle gives each pickle its own copy of a by-value module's globals, so an initializer
+    that sets ``global MODEL`` in the script would set it in a copy no task reads. Here every
+    by-value function of a task of this executor is bound to one namespace per module (per
+    ``__name__`` and ``__file__``): the first pickle that names a global supplies its value, and
+    what the user's code assigns later stays (a later pickle's copy of the client's value does not
+    overwrite it), which is what a worker process that imported or forked the script sees.
+    """
+
+    def __init__(self) -> None:
+        self.namespaces: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._namespace_ids: set[int] = set()
+        self.initialized: set[str] = set()  # initializer blobs that ran (once per runner, as PPE)
+        # Unpickled callables by the exact text of their signed pickle: every task of a map
+        # carries the same text, so it is unpickled (and verified) once. The text is the key, not
+        # its MAC alone, so a hit means these exact bytes were verified before. Bounded.
+        self.functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+
+    def loads(self, text: str, key: str, context: str = "") -> Any:
+        """:func:`~htcgrid_executor.payload.loads_signed`, binding by-value functions to this
+        scope's namespaces."""
+        data = verify_bytes(text, key, context)
+        try:
+            return _ScopedUnpickler(io.BytesIO(data), self).load()
+        except ModuleNotFoundError as exc:
+            raise PayloadError(missing_module_message(exc)) from exc
+        except Exception as exc:  # unpickling can raise anything (broken __setstate__, ...)
+            raise PayloadError(f"cannot unpickle payload: {exc}") from exc
+
+    def load_function(self, text: str, key: str, context: str) -> Callable[..., Any]:
+        fn = self.functions.get(text)
+        if fn is None:
+            # not checked for being callable: calling it raises TypeError ("'int' object is not
+            # callable") as the call's own exception, as in a process pool
+            fn = self.loads(text, key, context)
+            self.functions[text] = fn
+            if len(self.functions) > _FUNCTION_CACHE_SIZE:
+                self.functions.popitem(last=False)
+        else:
+            self.functions.move_to_end(text)
+        return fn
+
+    def namespace_for(self, base_globals: dict[str, Any]) -> dict[str, Any]:
+        name = base_globals.get("__name__")
+        if not isinstance(name, str):
+            return base_globals  # nothing says which module: cloudpickle's own copy
+        where = (name, base_globals.get("__file__"))
+        namespace = self.namespaces.get(where)
+        if namespace is None:
+            namespace = self.namespaces[where] = {}
+            self._namespace_ids.add(id(namespace))
+        for item, value in base_globals.items():
+            namespace.setdefault(item, value)
+        return namespace
+
+    def owns(self, namespace: dict[str, Any]) -> bool:
+        return id(namespace) in self._namespace_ids
+
+
+class _ScopedUnpickler(pickle.Unpickler):
+    """An unpickler that routes cloudpickle's two by-value function constructors through a
+    :class:`_Scope`. Anything else unpickles as ``pickle.loads`` would. (cloudpickle 3.x names
+    them ``_make_function`` and ``_function_setstate``, which pyproject.toml pins; a version that
+    renames them loses only the sharing, and the tests that check it fail.)"""
+
+    def __init__(self, file: io.BytesIO, scope: _Scope) -> None:
+        super().__init__(file)
+        self._scope = scope
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module.startswith("cloudpickle"):
+            if name == "_make_function":
+                return functools.partial(_make_scoped_function, self._scope)
+            if name == "_function_setstate":
+                return functools.partial(_set_scoped_function_state, self._scope, found)
+        return found
+
+
+def _make_scoped_function(scope: _Scope, code: Any, base_globals: dict[str, Any], name: Any,
+                          argdefs: Any, closure: Any) -> Any:
+    namespace = scope.namespace_for(base_globals)
+    namespace["__builtins__"] = builtins.__dict__
+    return types.FunctionType(code, namespace, name, argdefs, closure)
+
+
+def _set_scoped_function_state(scope: _Scope, setstate: Callable[[Any, Any], None], obj: Any,
+                               state: Any) -> None:
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) \
+            and scope.owns(obj.__globals__):
+        # the client's values of the globals the function names: only those not set already
+        pickled = state[1].get("__globals__") or {}
+        for item, value in pickled.items():
+            obj.__globals__.setdefault(item, value)
+        state = (state[0], {**state[1], "__globals__": {}})
+    setstate(obj, state)
+
+
 _FUNCTION_CACHE_SIZE = 32
 
-# Signed (initializer, initargs) texts whose initializer already ran in this process: an
-# initializer runs once per runner process, as ProcessPoolExecutor runs it once per worker.
-_INITIALIZED: set[str] = set()
+# Scopes by the id an executor puts in its tasks, least recently used first. Bounded, and small:
+# a long-lived runner serves executor after executor, and each scope holds what its initializer
+# loaded (a model, say) until evicted; an evicted scope is rebuilt (initializer included) as a
+# fresh worker process would be.
+_SCOPES: OrderedDict[str, _Scope] = OrderedDict()
+_SCOPE_LIMIT = 4
+
+
+def _scope_named(name: str) -> _Scope:
+    scope = _SCOPES.get(name)
+    if scope is None:
+        scope = _SCOPES[name] = _Scope()
+        if len(_SCOPES) > _SCOPE_LIMIT:
+            _SCOPES.popitem(last=False)
+    else:
+        _SCOPES.move_to_end(name)
+    return scope
 
 
 def dumps_signed(obj: Any, key: str, context: str = "") -> str:
@@ -140,16 +269,28 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
             binding = task_binding(event)
         except PayloadError:
             binding = ""  # malformed blobs: their signature checks below refuse them
-        init = event.get("init")
-        if init is not None and init not in _INITIALIZED:
-            initializer, initargs = loads_signed(init, key)
-            try:
-                initializer(*initargs)
-            except BaseException as exc:  # the initializer's failure is this task's outcome
-                return _exception_envelope(exc, key, binding)
-            _INITIALIZED.add(init)
-        fn = _load_function(event["fn"], key)
-        args = loads_signed(event["args"], key)
+        scope_name = event.get("scope", "")
+        if not isinstance(scope_name, str):
+            raise PayloadError("task scope is not text")
+        scope = _scope_named(scope_name)
+        try:
+            init = event.get("init")
+            if init is not None and init not in scope.initialized:
+                initializer, initargs = scope.loads(init, key)
+                try:
+                    initializer(*initargs)
+                except BaseException as exc:  # the initializer's failure is this task's outcome
+                    return _exception_envelope(exc, key, binding)
+                scope.initialized.add(init)
+            # the function is signed for its scope: a task moved into another scope is refused
+            fn = scope.load_function(event["fn"], key, scope_name)
+            args = scope.loads(event["args"], key)
+        except PayloadError as exc:
+            if isinstance(exc.__cause__, ModuleNotFoundError):
+                # the call's own problem (a module the worker cannot import), raised as itself
+                return _exception_envelope(ModuleNotFoundError(str(exc), name=exc.__cause__.name),
+                                           key, binding)
+            raise
         mode = event.get("mode", "call")
         try:
             if mode == "map":
@@ -167,7 +308,18 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
         except PayloadError as exc:
             # as ProcessPoolExecutor does: a result that cannot be pickled becomes the error
             return _exception_envelope(exc, key, binding)
-        return {TASK_MARKER: _VERSION, "ok": True, "result": blob, "binding": binding}
+        del result
+        answer = {TASK_MARKER: _VERSION, "ok": True, "result": blob, "binding": binding}
+        limit = event.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool) and output_size(answer) > limit:
+            # checked before anything is written: the data plane never sees an oversized value
+            too_large = PayloadError(
+                f"the result of the call is too large for the grid: {output_size(answer):,} bytes in "
+                f"the data plane (its pickle, about {len(blob) * 3 // 4:,} bytes, encoded), over the "
+                f"limit of {limit:,} bytes (max_payload_bytes): return less, or raise the limit")
+            del answer, blob
+            return _exception_envelope(too_large, key, binding)
+        return answer
     except SignatureError as exc:
         return _failure("signature", str(exc))
     except (PayloadError, KeyError, TypeError, ValueError) as exc:
@@ -179,20 +331,6 @@ def _binding_or_empty(task: dict[str, Any]) -> str:
         return task_binding(task)
     except PayloadError:
         return ""
-
-
-def _load_function(text: str, key: str) -> Callable[..., Any]:
-    fn = _FUNCTIONS.get(text)
-    if fn is None:
-        fn = loads_signed(text, key)
-        if not callable(fn):
-            raise PayloadError(f"task function is a {type(fn).__name__}, not a callable")
-        _FUNCTIONS[text] = fn
-        if len(_FUNCTIONS) > _FUNCTION_CACHE_SIZE:
-            _FUNCTIONS.popitem(last=False)
-    else:
-        _FUNCTIONS.move_to_end(text)
-    return fn
 
 
 def _failure(kind: str, message: str) -> dict[str, Any]:
@@ -237,10 +375,11 @@ def _name_of(fn: Any) -> str:
     return name if isinstance(name, str) else type(fn).__name__
 
 
-def pickle_function(fn: Callable[..., Any], key: str) -> str:
-    """The signed pickle of ``fn``. Raises PayloadError naming the function."""
+def pickle_function(fn: Callable[..., Any], key: str, scope: str = "") -> str:
+    """The signed pickle of ``fn``, for the tasks of ``scope`` (see :func:`make_task`). Raises
+    PayloadError naming the function."""
     try:
-        return dumps_signed(fn, key)
+        return dumps_signed(fn, key, scope)
     except PayloadError as exc:
         raise PayloadError(f"cannot pickle the function {_name_of(fn)!r}: {exc.__cause__}") from exc.__cause__
 
@@ -289,12 +428,59 @@ def _culprit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return "the arguments"
 
 
-def make_task(fn_blob: str, args_blob: str, *, mode: str = "call", init_blob: str | None = None) -> dict[str, Any]:
-    """The JSON-safe task dict the handler runs (``mode``: ``"call"`` or ``"map"``)."""
+def make_task(fn_blob: str, args_blob: str, *, mode: str = "call", init_blob: str | None = None,
+              scope: str = "", limit: int | None = None) -> dict[str, Any]:
+    """The JSON-safe task dict the handler runs (``mode``: ``"call"`` or ``"map"``).
+
+    ``scope``: the tasks of one scope (one executor) share, in each runner process, the globals
+    of the modules their pickles carry by value and the initializer's run; ``fn_blob`` must be
+    pickled for it (``pickle_function(fn, key, scope)``). ``limit``: the most bytes the task's
+    output may take in the data plane; a larger result fails the call with PayloadError.
+    """
     task: dict[str, Any] = {TASK_MARKER: _VERSION, "mode": mode, "fn": fn_blob, "args": args_blob}
     if init_blob is not None:
         task["init"] = init_blob
+    if scope:
+        task["scope"] = scope
+    if limit is not None:
+        task["limit"] = limit
     return task
+
+
+def output_size(answer: dict[str, Any]) -> int:
+    """Bytes the handler's ``answer`` takes as a task output in the data plane. Exact for our
+    envelopes: their long strings are base64, which JSON writes as they are."""
+    return encoded_size(_json_length(answer))
+
+
+def task_size(task: dict[str, Any]) -> int:
+    """Bytes a task of :func:`make_task` takes in the data plane (``<task_id>-input``), to a few
+    bytes over: counted without writing its JSON (this runs for every call submitted)."""
+    length = 2
+    for name, value in task.items():  # '"name": "value", ' (text) or '"name": 123, ' (a number)
+        length += len(name) + 6 + (len(value) + 2 if isinstance(value, str) else 20)
+    return encoded_size(length)
+
+
+def _json_length(doc: dict[str, Any]) -> int:
+    # len(json.dumps(doc)) without copying its long base64 strings
+    strings = sum(len(v) for v in doc.values() if isinstance(v, str) and len(v) > 256)
+    short = {k: ("" if isinstance(v, str) and len(v) > 256 else v) for k, v in doc.items()}
+    return len(json.dumps(short)) + strings
+
+
+def check_task_size(task: dict[str, Any], limit: int, fn: Callable[..., Any] | None = None) -> int:
+    """Raise PayloadError if ``task`` is over ``limit`` bytes in the data plane; else its size."""
+    size = task_size(task)
+    if size > limit:
+        what = "the task" if fn is None else f"the call to {_name_of(fn)!r}"
+        pickled = sum(len(v) for k, v in task.items() if k in ("fn", "args", "init") and isinstance(v, str))
+        raise PayloadError(
+            f"{what} is too large for the grid: {size:,} bytes in the data plane (its pickles, about "
+            f"{pickled * 3 // 4:,} bytes, encoded), over the limit of {limit:,} bytes "
+            "(max_payload_bytes): send less per call (e.g. a path or a key the task reads itself), "
+            "a smaller map chunksize, or raise the limit")
+    return size
 
 
 def is_executor_task(obj: Any) -> bool:

@@ -141,7 +141,7 @@ def test_exception_tree():
         h.BadRequestError: (h.ControlPlaneError, ValueError),
         h.GridUnavailableError: (h.GridError, ConnectionError),
         h.StorageError: (h.GridError,),
-        h.PayloadError: (h.GridError, ValueError),
+        h.PayloadError: (h.GridError, TypeError, ValueError),
         h.SignatureError: (h.PayloadError,),
         h.TaskFailedError: (h.GridError,),
         h.RemoteError: (h.GridError,),
@@ -181,7 +181,7 @@ def test_executor_surface():
     assert parameters(HTCGridExecutor.__init__) == [
         "self", "max_workers", "connector=", "config=", "mp_context=", "initializer=", "initargs=",
         "max_tasks_per_child=", "priority=", "task_timeout_sec=", "retry_count=", "batch_size=",
-        "batch_window=", "broken_after_sec=",
+        "batch_window=", "broken_after_sec=", "max_payload_bytes=",
     ]
     # the stdlib's signatures (map's buffersize as in Python 3.14)
     assert parameters(HTCGridExecutor.submit) == ["self/", "fn/", "*args", "**kwargs"]
@@ -244,7 +244,7 @@ def test_local_grid_surface():
     assert parameters(LocalGrid.__init__) == [
         "self", "workers", "handler=", "folder=", "redis_url=", "host=", "port=", "heartbeat_sec=",
         "lease_sec=", "retry_limit=", "max_tasks_per_child=", "env=", "payload_signing_key=", "api_key=",
-        "retention_sec=", "claim_batch=",
+        "retention_sec=", "claim_batch=", "max_payload_bytes=",
     ]
     assert inspect.signature(LocalGrid).parameters["handler"].default == "htcgrid_executor.worker:lambda_handler"
     assert hasattr(LocalGrid, "__enter__") and hasattr(LocalGrid, "__exit__")

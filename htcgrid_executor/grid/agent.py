@@ -85,8 +85,10 @@ class _Runner:
         # [index of the task running now, its start in time.monotonic_ns()]; no lock: one writer
         self.progress = self._context.RawArray("q", 2)
         self.skip = self._context.RawArray("b", max(settings.max_batch, 1))
+        # not daemonic: user code may start processes of its own (multiprocessing refuses a
+        # daemonic parent); the agent stops its runner itself, and the kernel kills it with it
         self.process = self._context.Process(
-            target=runner_main, name="htcgrid-runner", daemon=True,
+            target=runner_main, name="htcgrid-runner", daemon=False,
             args=(child_conn, settings.handler, os.getpid(), settings.max_output_bytes,
                   self.progress, self.skip),
         )
@@ -108,11 +110,26 @@ class _Runner:
         return self.progress[0]
 
     def kill(self) -> None:
+        """Kill the runner and every process the task started: the runner leads a process group
+        of its own (see ``runner_main``), so a task's subprocesses go with it."""
         if self.process.is_alive():
             self.process.kill()
+        self.kill_group()
+
+    def kill_group(self) -> None:
+        """SIGKILL what is left of the runner's process group (its pid is the group's id, and
+        the kernel does not reuse it while the group has members)."""
+        pid = self.process.pid
+        if pid is None or not hasattr(os, "killpg"):
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no group left (or not made yet)
+            pass
 
     def stop(self) -> None:
-        """Let the runner exit cleanly (max_tasks_per_child reached, agent stopping)."""
+        """Let the runner exit cleanly (max_tasks_per_child reached, agent stopping); processes
+        its tasks left behind end with it."""
         try:
             self.conn.send(None)
         except OSError:
@@ -120,6 +137,7 @@ class _Runner:
         self.process.join(2)
         self.kill()
         self.process.join()
+        self.kill_group()
         self.conn.close()
 
 
@@ -182,7 +200,10 @@ class Agent:
                         self._batch = (min(self.settings.max_batch, self._batch * 2)
                                        if per_task < 0.005 else 1)
                     else:
-                        # idle: sleep on the doorbell, rung by submits and by claims that left work
+                        # idle: the next work may be long tasks, which must start in submission
+                        # order across agents (not 16 to one agent): claims grow again from 1
+                        self._batch = 1
+                        # sleep on the doorbell, rung by submits and by claims that left work
                         self.idle = True
                         try:
                             waiter.blpop([key_for("doorbell")], timeout=1)
@@ -378,6 +399,7 @@ class Agent:
         if runner is not None:
             logger.warning("agent %s: idle runner died (%s); starting another", self.agent_id,
                            describe_exit(runner.process.exitcode))
+            runner.kill_group()
             runner.conn.close()
         self._runner = _Runner(self.settings)
         return self._runner
@@ -387,6 +409,10 @@ class Agent:
         """Decide the batch after its runner was killed or died: the task it was running is
         timed out, retried (crash) or released (stop); the others go back to the queue."""
         runner.process.join(5)
+        # what the task started dies with it (a crash leaves them running), and a runner that did
+        # not end is not left for multiprocessing to wait for at the agent's exit (not daemonic)
+        runner.kill()
+        runner.process.join(1)
         how = describe_exit(runner.process.exitcode)
         runner.conn.close()
         index = runner.running_index  # -1: it died before starting the batch, no task to blame

@@ -74,11 +74,16 @@ _spawner = _Spawner()
 
 def spawn(args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
           stdout: Any = None, stderr: Any = None, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen:
-    """Start ``args`` as a child that is killed when this process dies (Linux)."""
+    """Start ``args`` as a child that is killed when this process dies (Linux).
+
+    The child leads a session of its own: the signals a terminal sends its foreground process
+    group (Ctrl-C's SIGINT, Ctrl-\\'s SIGQUIT) reach the user's program, which decides what stops,
+    and not the grid's processes behind its back (a Redis killed under a running executor).
+    """
     preexec = die_with_parent if sys.platform.startswith("linux") else None
     return _spawner.popen(
         args, env=env, cwd=cwd, stdout=stdout, stderr=stderr, stdin=stdin,
-        preexec_fn=preexec, close_fds=True,
+        preexec_fn=preexec, close_fds=True, start_new_session=True,
     )
 
 

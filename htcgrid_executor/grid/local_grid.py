@@ -35,6 +35,7 @@ import redis
 
 from ..errors import ConfigurationError
 from ..payload import PAYLOAD_KEY_ENV, new_signing_key
+from ..wire import DEFAULT_MAX_PAYLOAD_BYTES
 from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
 from .child_processes import describe_exit, spawn
 from .http_api import ControlPlaneServer
@@ -69,7 +70,10 @@ def start_agent_process(settings: AgentSettings, payload_signing_key: str | None
     child_env[AGENT_CONFIG_ENV] = settings.to_json()
     if payload_signing_key:
         child_env[PAYLOAD_KEY_ENV] = payload_signing_key
-    return spawn([sys.executable, "-m", "htcgrid_executor.grid.agent"], env=child_env, cwd=os.getcwd())
+    # -c, not -m: the runners (multiprocessing spawn children) then import no __main__ module
+    # again, nor the agent's imports (redis), so a new runner is ready sooner
+    main = "from htcgrid_executor.grid.agent import main; raise SystemExit(main())"
+    return spawn([sys.executable, "-c", main], env=child_env, cwd=os.getcwd())
 
 
 class LocalGrid:
@@ -85,7 +89,10 @@ class LocalGrid:
     keeps its tasks before the TTL checker retries them. ``retry_limit``: the most retries a lost task
     gets before it fails (a submission's ``retry_count`` may ask for fewer). ``max_tasks_per_child``: tasks a
     runner process runs before it is replaced. ``env``: extra environment for the agents.
-    ``retention_sec``: how long an ended session's keys are kept.
+    ``retention_sec``: how long an ended session's keys are kept. ``max_payload_bytes``: the most
+    bytes a task's output may take in the data plane (a larger one fails the task instead of
+    being written); stated in :attr:`client_config`, so executors on this grid check their calls
+    and results against it too.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class LocalGrid:
         api_key: str | None = None,
         retention_sec: float = 3600.0,
         claim_batch: int = 16,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         if workers is not None and workers < 0:
             raise ConfigurationError("workers must be >= 0")
@@ -113,6 +121,9 @@ class LocalGrid:
             raise ConfigurationError("lease_sec must be longer than heartbeat_sec")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ConfigurationError("max_tasks_per_child must be >= 1")
+        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise ConfigurationError("max_payload_bytes must be a positive integer")
+        self.max_payload_bytes = max_payload_bytes
         self.workers = os.cpu_count() or 1 if workers is None else workers
         self.handler = handler
         self.folder = Path(folder) if folder is not None else None
@@ -124,6 +135,7 @@ class LocalGrid:
         self._agent_template = dict(
             handler=handler, heartbeat_sec=heartbeat_sec, lease_sec=lease_sec, max_batch=claim_batch,
             max_tasks_per_child=max_tasks_per_child, retention_sec=retention_sec,
+            max_output_bytes=max_payload_bytes,
         )
         self.retention_sec = retention_sec
         credentials = self._load_credentials()
@@ -318,6 +330,7 @@ class LocalGrid:
             "cognito_userpool_client_id": "",
             "dynamodb_results_pull_interval_sec": 0.05,
             "task_input_passed_via_external_storage": 1,
+            "max_payload_bytes": self.max_payload_bytes,  # an extension: executors check against it
             "region": "local",
             "intra_vpc": 1,
             "payload_signing_key": self.payload_signing_key,

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..wire import decode_task, encode_output
+from ..wire import DEFAULT_MAX_PAYLOAD_BYTES, decode_task, encode_output
 from .child_processes import die_with_parent
 
 __all__ = ["runner_main", "load_handler", "error_document", "LambdaContext"]
 
-DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_OUTPUT_BYTES = DEFAULT_MAX_PAYLOAD_BYTES  # a deployment's own limit may be lower
 
 
 class LambdaContext:
@@ -109,6 +109,10 @@ def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: 
     die_with_parent()
     if os.getppid() != parent_pid:  # the agent died before we could ask to die with it
         os._exit(1)
+    if hasattr(os, "setpgid"):
+        # a process group of its own: the agent kills the group, so a stopped task's
+        # subprocesses (time limit, cancel, kill_running) end with the runner
+        os.setpgid(0, 0)
     # Ctrl-C in a terminal reaches the whole process group: the agent decides what stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     handler: Callable | None = None

@@ -110,6 +110,10 @@ def test_errors_are_one_line_and_a_non_zero_exit(tmp_path):
     usage = _cli("frobnicate")
     assert usage.returncode == 2
     assert "invalid choice" in usage.stderr
+    zero = _cli("demo", "--workers", "0")
+    assert zero.returncode == 2
+    assert "Traceback" not in zero.stderr
+    assert zero.stderr.splitlines()[-1] == "htcgrid-executor demo: error: argument --workers: must be at least 1, not 0"
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["grid"], ["agent"], ["status"], ["cancel"]])
@@ -127,3 +131,35 @@ def test_demo_prices_the_sweep_on_an_embedded_grid():
     rows = [line.split() for line in lines[1:] if len(line.split()) == 6]
     assert [(float(r[0]), float(r[1])) for r in rows] == [(80.0, 0.10), (80.0, 0.15), (85.0, 0.10), (85.0, 0.15)]
     assert "4 options priced on the local grid" in answer.stdout
+
+
+@pytest.mark.parametrize("how", ["process", "process group"])
+def test_a_grid_stopped_with_sigterm_leaves_no_process_and_no_temporary_folder(tmp_path, how):
+    import psutil
+
+    config, temp = tmp_path / "client.json", tmp_path / "tmp"
+    temp.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "htcgrid_executor", "grid", "--workers", "1", "--config-out", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**_env(), "TMPDIR": str(temp)},
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not config.exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "grid did not write its config"
+            time.sleep(0.05)
+        tree = psutil.Process(process.pid).children(recursive=True)
+        assert list(temp.iterdir())  # Redis's folder and socket live there while it runs
+        if how == "process":
+            process.send_signal(signal.SIGTERM)
+        else:  # as a service manager or `timeout` stops a job
+            os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == []
+    assert list(temp.iterdir()) == []

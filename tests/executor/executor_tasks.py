@@ -143,3 +143,30 @@ def raw_handler(event, context):
     if "say" in event:
         return event["say"]
     return {"echo": event}
+
+
+def start_subprocess_and_sleep(marker, seconds):
+    """Start a child process (as user code that shells out does), record its pid, then sleep."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    Path(marker).write_text(str(child.pid))
+    time.sleep(seconds)
+    return child.pid
+
+
+def pool_inside_a_task(values):
+    """Use multiprocessing inside a task, as a user's library might."""
+    import multiprocessing
+
+    with multiprocessing.Pool(2) as pool:
+        return pool.map(abs, values)
+
+
+def sleep_or_fail(x, bad, seconds):
+    """Fail at once for ``bad``, else sleep: a map whose one bad item must be seen early."""
+    if x == bad:
+        raise KeyError(x)
+    time.sleep(seconds)
+    return x

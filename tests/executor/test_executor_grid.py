@@ -106,9 +106,9 @@ def test_a_function_is_pickled_once_per_batch_and_once_per_map(grid_executor, mo
     calls = []
     real = module.pickle_function
 
-    def counting(fn, key):
+    def counting(fn, key, scope):
         calls.append(fn)
-        return real(fn, key)
+        return real(fn, key, scope)
 
     monkeypatch.setattr(module, "pickle_function", counting)
     futures = [grid_executor.submit(square, i) for i in range(300)]

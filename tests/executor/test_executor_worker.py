@@ -136,7 +136,7 @@ def test_initializer_runs_once_per_process_per_initializer():
     import executor_tasks
 
     executor_tasks.INITIALIZED.clear()
-    worker._INITIALIZED.clear()
+    worker._SCOPES.clear()
     fn_blob = pickle_function(square, KEY)
     for value in ("first", "second"):  # two executors' initializers: each runs once
         init = dumps_signed((executor_tasks.initializer, (value,)), KEY)
@@ -152,7 +152,7 @@ def test_a_failing_initializer_fails_the_task_and_is_tried_again():
     for _ in range(2):
         ok, exc = decode_output(run(task), KEY)
         assert not ok and isinstance(exc, RuntimeError) and str(exc) == "init failed"
-    assert init not in worker._INITIALIZED
+    assert init not in worker._scope_named("").initialized
 
 
 def fail_init():
@@ -161,10 +161,18 @@ def fail_init():
 
 def test_a_function_is_unpickled_once_per_process():
     fn_blob = pickle_function(square, KEY)
-    worker._FUNCTIONS.clear()
+    worker._SCOPES.clear()
     for i in range(5):
         assert lambda_handler(make_task(fn_blob, pickle_args(square, (i,), {}, KEY)), None)["ok"]
-    assert list(worker._FUNCTIONS) == [fn_blob]
+    assert list(worker._scope_named("").functions) == [fn_blob]
+
+
+def test_a_function_signed_for_another_scope_is_refused():
+    task = make_task(pickle_function(square, KEY, "scope-a"), pickle_args(square, (3,), {}, KEY), scope="scope-a")
+    assert decode_output(run(task), KEY) == (True, 9)
+    task["scope"] = "scope-b"  # moved into another executor's namespace: its signature no longer holds
+    answer = run(task)
+    assert json.loads(answer)["error"] == "signature"
 
 
 def test_unpicklable_calls_name_the_culprit():

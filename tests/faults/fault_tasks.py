@@ -102,3 +102,7 @@ class Trap:
 
     def __reduce__(self):
         return (open, (self.path, "w"))  # loading it opens (creates) the file
+
+
+def identity(x):
+    return x

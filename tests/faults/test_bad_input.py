@@ -28,8 +28,12 @@ from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickl
 
 @pytest.fixture(scope="module")
 def grid():
-    with LocalGrid(workers=2, **FAST) as grid:
+    # a small data-plane limit, so that size tests stay fast (the default is 500 MiB)
+    with LocalGrid(workers=2, max_payload_bytes=LIMIT, **FAST) as grid:
         yield grid
+
+
+LIMIT = 8_000_000
 
 
 @pytest.fixture(scope="module")
@@ -134,22 +138,38 @@ def test_an_exception_that_cannot_be_unpickled_comes_back_as_remote_error(execut
     figures["bad_inputs"] += 1
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_a_result_too_large_for_the_data_plane_is_a_clear_error(executor, figures):
-    """The agents cap a task's output at 64 MiB (AgentSettings.max_output_bytes); 50 MB of bytes
-    grows past it on its way to the data plane (pickled, then twice base64)."""
-    with pytest.raises(GridError) as failure:
-        executor.submit(fault_tasks.return_bytes, 50_000_000).result(timeout=90)
-    message = str(failure.value)
-    assert "exceeds the data plane limit of 67108864 bytes" in message
-    assert "ResponseSizeTooLarge" in message
+def test_a_result_over_the_limit_fails_its_call_before_it_is_written(executor, figures):
+    """5 MB of bytes takes ~8.9 MB in the data plane (pickled, then twice base64): over the grid's
+    limit, which the executor read from the grid's config and sent with the task."""
+    with pytest.raises(PayloadError, match=r"result of the call is too large for the grid: 8,88\d,\d{3} "
+                       r"bytes .* over the limit of 8,000,000 bytes \(max_payload_bytes\)"):
+        executor.submit(fault_tasks.return_bytes, 5_000_000).result(timeout=60)
     figures["bad_inputs"] += 1
 
 
+def test_the_grid_refuses_a_result_over_its_limit_whatever_the_client_says(grid, figures):
+    """A client that does not know the grid's limit: the agent refuses the output itself."""
+    unaware = {k: v for k, v in grid.client_config.items() if k != "max_payload_bytes"}
+    with HTCGridExecutor(config=unaware) as executor:
+        with pytest.raises(GridError) as failure:
+            executor.submit(fault_tasks.return_bytes, 5_000_000).result(timeout=60)
+    assert "exceeds the data plane limit of 8000000 bytes" in str(failure.value)
+    assert "ResponseSizeTooLarge" in str(failure.value)
+    figures["bad_inputs"] += 1
+
+
+def test_a_call_over_the_limit_is_refused_at_submit(executor, figures):
+    with pytest.raises(PayloadError, match=r"call to 'identity' is too large for the grid: .* over the "
+                       r"limit of 8,000,000 bytes"):
+        executor.submit(fault_tasks.identity, b"x" * 5_000_000)
+    with pytest.raises(PayloadError, match="too large"):
+        executor.map(fault_tasks.identity, [b"x" * 2_000_000 + bytes([i]) for i in range(4)], chunksize=4)
+    figures["bad_inputs"] += 2
+
+
 def test_a_result_just_under_the_limit_comes_back_whole(executor):
-    data = executor.submit(fault_tasks.return_bytes, 5_000_000).result(timeout=60)
-    assert data == b"x" * 5_000_000
+    data = executor.submit(fault_tasks.return_bytes, 4_000_000).result(timeout=60)
+    assert data == b"x" * 4_000_000
 
 
 def test_wrong_types_through_the_executor(executor, figures):
