@@ -18,6 +18,7 @@ keeps its tasks and its clients' signed payloads stay valid.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -52,6 +54,23 @@ _atexit_registered = False
 def _stop_live_grids() -> None:
     for grid in list(_live_grids):
         grid.stop()
+
+
+def _write_secret_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only, whatever a file already there
+    allowed: a new file (created 0600, so never readable by others even for a moment) replaces
+    it by rename, which is atomic: a reader sees the old secrets or the new, never half."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def start_agent_process(settings: AgentSettings, payload_signing_key: str | None,
@@ -158,9 +177,7 @@ class LocalGrid:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"api_key": self.api_key, "payload_signing_key": self.payload_signing_key,
                            "redis_password": self._redis_password})
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner only
-        with os.fdopen(fd, "w") as handle:
-            handle.write(data)
+        _write_secret_file(path, data)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> LocalGrid:
@@ -188,7 +205,9 @@ class LocalGrid:
             self.table = StateTable(self.redis, retention_sec=self.retention_sec)
             self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port,
                                             retry_limit=self.retry_limit).start()
-            self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec).start()
+            self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec,
+                                   lease_sec=self._agent_template["lease_sec"],
+                                   after_sweep=self._trim_listeners).start()
             self.add_agents(self.workers)
             self._supervisor = threading.Thread(target=self._supervise, name="htcgrid-supervisor",
                                                 daemon=True)
@@ -202,6 +221,11 @@ class LocalGrid:
             _atexit_registered = True
         logger.debug("local grid: started at %s with %d agents", self.url, self.workers)
         return self
+
+    def _trim_listeners(self) -> None:
+        http = self._http  # (None for a moment while the control plane restarts)
+        if http is not None:
+            http.trim_listeners()
 
     def add_agents(self, count: int) -> None:
         """Start ``count`` more agent processes."""
@@ -322,10 +346,7 @@ class LocalGrid:
     def write_client_config(self, path: str | os.PathLike) -> Path:
         """Write :attr:`client_config` as JSON readable by its owner only."""
         path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.client_config, handle, indent=2)
-        os.chmod(path, 0o600)
+        _write_secret_file(path, json.dumps(self.client_config, indent=2))
         return path
 
     def agent_pids(self) -> list[int]:
