@@ -39,7 +39,7 @@ from ..payload import PAYLOAD_KEY_ENV, new_signing_key
 from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
 from .child_processes import describe_exit, spawn
 from .http_api import ControlPlaneServer
-from .redis_server import RedisServer
+from .redis_server import GRID_ROLES, RedisServer
 from .state_table import StateTable
 from .ttl_checker import TTLChecker
 
@@ -148,7 +148,12 @@ class LocalGrid:
         self.api_key = api_key or credentials.get("api_key") or secrets.token_urlsafe(24)
         self.payload_signing_key = (payload_signing_key or credentials.get("payload_signing_key")
                                     or new_signing_key())
-        self._redis_password = credentials.get("redis_password")
+        self._redis_password = credentials.get("redis_password")  # the admin's: never leaves the grid
+        # one password per ACL role (redis_server.GRID_ROLES); a client config carries the client's
+        roles = credentials.get("redis_role_passwords") or {}
+        self._role_passwords = {role: roles.get(role) or secrets.token_urlsafe(24) for role in GRID_ROLES}
+        self._client_redis_password: str | None = None
+        self._control_redis: redis.Redis | None = None
         self.redis_server: RedisServer | None = None
         self.redis: redis.Redis | None = None
         self.table: StateTable | None = None
@@ -176,7 +181,8 @@ class LocalGrid:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"api_key": self.api_key, "payload_signing_key": self.payload_signing_key,
-                           "redis_password": self._redis_password})
+                           "redis_password": self._redis_password,
+                           "redis_role_passwords": self._role_passwords})
         _write_secret_file(path, data)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -189,20 +195,28 @@ class LocalGrid:
         try:
             if self._external_redis_url:
                 self.redis_url = self._external_redis_url
-                self._agent_redis_url = self._external_redis_url
+                self._agent_redis_url = self._joining_agent_redis_url = self._external_redis_url
+                self._client_redis_password = self._redis_password
                 self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=30)
+                control = self.redis
             else:
                 # Redis listens where the HTTP API does: loopback unless told otherwise, so that
-                # agents on other machines can join a grid bound to a public address
-                self.redis_server = RedisServer(self.folder / "redis" if self.folder else None,
-                                                host=self.host, password=self._redis_password).start()
+                # agents on other machines can join a grid bound to a public address. Each role
+                # has its own ACL user; the admin password is for this process's tools only.
+                self.redis_server = RedisServer(
+                    self.folder / "redis" if self.folder else None, host=self.host,
+                    password=self._redis_password,
+                    users={role: (self._role_passwords[role], rules) for role, rules in GRID_ROLES.items()},
+                ).start()
                 self._redis_password = self.redis_server.password
-                self.redis_url = self.redis_server.url
-                self._agent_redis_url = (f"unix://:{self.redis_server.password}@"
-                                         f"{self.redis_server.unix_socket}")
+                self.redis_url = self.redis_server.url_for("client")
+                self._client_redis_password = self._role_passwords["client"]
+                self._agent_redis_url = self.redis_server.unix_url_for("agent")
+                self._joining_agent_redis_url = self.redis_server.url_for("agent")
                 self.redis = self.redis_server.client(socket_timeout=30)
+                control = self._control_redis = self.redis_server.client("control", socket_timeout=30)
             self._save_credentials()
-            self.table = StateTable(self.redis, retention_sec=self.retention_sec)
+            self.table = StateTable(control, retention_sec=self.retention_sec)
             self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port,
                                             retry_limit=self.retry_limit).start()
             self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec,
@@ -295,6 +309,8 @@ class LocalGrid:
             self._http = None
         if self.redis is not None:
             self.redis.close()
+        if self._control_redis is not None:
+            self._control_redis.close()
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None
@@ -327,7 +343,7 @@ class LocalGrid:
             "grid_storage_service": "REDIS",
             "s3_bucket": "",
             "redis_url": self.redis_url,
-            "redis_password": self._redis_password or "",
+            "redis_password": self._client_redis_password or "",
             "public_api_gateway_url": self.url,
             "private_api_gateway_url": self.url,
             "api_gateway_key": self.api_key,
@@ -338,7 +354,7 @@ class LocalGrid:
             "region": "local",
             "intra_vpc": 1,
             "payload_signing_key": self.payload_signing_key,
-            "htcgrid_redis_control_url": self.redis_url,
+            "htcgrid_redis_control_url": self._joining_agent_redis_url,
             "htcgrid_agent_settings": {k: v for k, v in self._agent_template.items() if k != "handler"}
             | {"handler": self.handler},
         }
