@@ -3,7 +3,7 @@
 ::
 
     LocalGrid.start()
-      ├─ RedisServer        redis-server child: state table, queue and data plane
+      ├─ RedisServer        redis-server child: state table, queue and data plane (restarted if it dies)
       ├─ ControlPlaneServer HTTP routes /submit /result /cancel on 127.0.0.1 (thread)
       ├─ TTLChecker         retries tasks whose heartbeat expired (thread)
       ├─ agents             ``python -m htcgrid_executor.grid.agent`` children, restarted if they die
@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, GridUnavailableError
 from ..payload import PAYLOAD_KEY_ENV, new_signing_key
 from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
 from .child_processes import describe_exit, spawn
@@ -252,6 +252,7 @@ class LocalGrid:
     def _supervise(self) -> None:
         """Replace agents that died (killed, crashed): a grid keeps its worker count."""
         while not self._stopping.wait(0.5):
+            self._revive_redis()
             with self._agent_lock:
                 dead = [p for p in self._agents if p.poll() is not None]
                 self._agents = [p for p in self._agents if p.poll() is None]
@@ -280,6 +281,17 @@ class LocalGrid:
         if self.redis_server is None:
             raise RuntimeError("this grid does not run its own Redis")
         self.redis_server.restart()
+
+    def _revive_redis(self) -> None:
+        """Start the grid's own Redis again if it died: with a ``folder`` it reloads its
+        append-only file and clients and agents ride out the gap; without one its tasks are
+        gone, and clients learn it ("the grid no longer knows session ...")."""
+        if self.redis_server is None or self._stopping.is_set():
+            return
+        try:
+            self.redis_server.revive()
+        except GridUnavailableError as exc:  # tried again on the next round
+            logger.warning("local grid: %s", exc)
 
     def stop(self) -> None:
         """Stop agents, HTTP API, TTL checker and Redis; remove temporary files. Idempotent."""

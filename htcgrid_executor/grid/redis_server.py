@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class RedisServer:
         self._folder = Path(folder) if folder is not None else None
         self._tmpdir: str | None = None
         self._process: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # one start, stop or revival at a time
         self.unix_socket: str | None = None
 
     @property
@@ -220,13 +222,28 @@ class RedisServer:
     def restart(self, timeout: float = 10.0) -> RedisServer:
         """Stop the server and start it again on the same port, socket and folder (what a
         crashed Redis does under a supervisor): with a named folder its data survives."""
-        self._kill()
-        return self.start(timeout)
+        with self._lock:
+            self._kill()
+            return self.start(timeout)
+
+    def revive(self, timeout: float = 10.0) -> bool:
+        """Start the server again, on the same port, socket and folder, if it died (killed by
+        the OOM killer, crashed); True if it did. A server stopped by :meth:`stop` stays down.
+        Raises GridUnavailableError if it does not start."""
+        with self._lock:
+            if self._process is None or self._process.poll() is None:
+                return False
+            logger.warning("redis: pid %d died (%s); starting it again", self._process.pid,
+                           describe_exit(self._process.returncode))
+            self._kill()
+            self.start(timeout)
+            return True
 
     def stop(self) -> None:
         """Stop the server and remove its temporary files (a named folder is kept)."""
-        self._kill()
-        self._cleanup_files()
+        with self._lock:
+            self._kill()
+            self._cleanup_files()
 
     def _cleanup_files(self) -> None:
         if self._tmpdir:

@@ -136,3 +136,23 @@ def test_secret_files_are_written_owner_only_over_world_readable_ones(make_grid,
     assert stat.S_IMODE(os.stat(credentials).st_mode) == 0o600
     assert grid.api_key in credentials.read_text()
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_redis_is_restarted_and_the_executor_rides_it_out(make_grid, make_executor, tmp_path, figures):
+    """SIGKILL (the OOM killer, in real life) used to leave the grid without Redis for good:
+    every pending future failed at the executor's deadline. Now the grid's supervisor restarts
+    it on the same port and socket, and it reloads its append-only file."""
+    grid = make_grid(workers=2, folder=tmp_path / "grid")
+    executor = make_executor(grid, broken_after_sec=15)
+    assert executor.submit(fault_tasks.square, 2).result(timeout=30) == 4
+    log = tmp_path / "log"
+    running = executor.submit(fault_tasks.logged_sleep_square, str(log), 5, 2.0)
+    wait_for(lambda: executions(log), timeout=30)
+    killed = grid.redis_server.pid
+    os.kill(killed, signal.SIGKILL)
+    later = [executor.submit(fault_tasks.square, x) for x in range(20)]
+    assert [f.result(timeout=40) for f in later] == [x * x for x in range(20)]
+    assert running.result(timeout=30) == 25
+    assert grid.redis_server.pid != killed and grid.redis_server.running
+    figures["redis_restarts"] += 1
