@@ -302,11 +302,14 @@ class _Handler(BaseHTTPRequestHandler):
             # the body's size is checked before anything is read, and the key before the body
             # is read: a client without the key costs no more than its headers
             unread = self._body_size()
-            url = urlsplit(self.path)
+            try:
+                url = urlsplit(self.path)
+            except ValueError:  # e.g. "//[x": an unclosed IPv6 host
+                raise _Reject(400, "malformed request target") from None
             path = url.path
             route = _ROUTES.get((method, url.path))
             if route is None:
-                if any(path == url.path for _, path in _ROUTES):
+                if any(route_path == url.path for _, route_path in _ROUTES):
                     raise _Reject(405, f"{method} is not allowed on {url.path}")
                 raise _Reject(404, f"no route {url.path}")
             self._authenticate()

@@ -266,7 +266,7 @@ CURSORS = st.one_of(st.sampled_from(["0", "1-0", "²", "１", "1-", str(2**64), 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     method=st.sampled_from(["GET", "POST", "PUT"]),
-    path=st.sampled_from(["/submit", "/result", "/cancel"]),
+    path=st.sampled_from(["/submit", "/result", "/cancel", "//[x/result", "/result/../submit", "*", "/%00"]),
     content=st.one_of(
         st.text(max_size=200),
         st.binary(max_size=200).map(_b64),
