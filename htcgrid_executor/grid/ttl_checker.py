@@ -66,7 +66,7 @@ class TTLChecker:
 
     def _loop(self) -> None:
         refused = False
-        while not self._stop.wait(self.period_sec):
+        while True:  # a first sweep at once: it is what later sweeps measure a stall from
             try:
                 handled = self.check_now()
                 if refused:
@@ -83,6 +83,8 @@ class TTLChecker:
                 elif not refused:  # once, not every sweep
                     logger.warning("ttl checker: %s", refusal[1])
                     refused = refusal[0] == 507
+            if self._stop.wait(self.period_sec):
+                return
 
     def stop(self) -> None:
         self._stop.set()

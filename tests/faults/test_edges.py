@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 import time
 
 import fault_tasks
@@ -15,7 +16,7 @@ import requests
 from fault_helpers import executions, wait_for
 
 from htcgrid_executor import GridError, StorageFullError, wire
-from htcgrid_executor.grid.state_table import key_for
+from htcgrid_executor.grid.state_table import PREFIX, key_for
 
 
 def _refuse_writes_as_a_full_disk_does(grid) -> None:
@@ -156,3 +157,34 @@ def test_a_killed_redis_is_restarted_and_the_executor_rides_it_out(make_grid, ma
     assert running.result(timeout=30) == 25
     assert grid.redis_server.pid != killed and grid.redis_server.running
     figures["redis_restarts"] += 1
+
+
+BUSY_LOOP = """
+local t = redis.call('TIME')
+local until_us = (tonumber(t[1]) * 1000000 + tonumber(t[2])) + tonumber(ARGV[1]) * 1000
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= until_us
+return 1
+"""
+
+
+def test_a_redis_busy_with_a_long_script_is_a_503_that_says_so_and_costs_no_lease(make_grid, make_connector,
+                                                                                 figures):
+    """BUSY used to be a 500 "internal error" (and a long script let the TTL checker take leases)."""
+    grid = make_grid(workers=1)
+    sid = make_connector(grid).send([{"n": 1}])["session_id"]
+    wait_for(lambda: grid.redis.get(PREFIX + "swept_ms"))  # a sweep to measure the stall from
+    grid.redis.config_set("lua-time-limit", 100)  # ms: Redis answers BUSY to others after this
+    stalls = grid._ttl.stalls
+    busy = threading.Thread(target=grid.redis.eval, args=(BUSY_LOOP, 0, 1500))
+    busy.start()
+    try:
+        time.sleep(0.5)
+        answer = requests.get(grid.url + "/result", headers={"x-api-key": grid.api_key},
+                              params={"submission_content": wire.encode_query({"session_id": sid})})
+        assert answer.status_code == 503, answer.text
+        assert "busy running a long script" in answer.json()["error"]
+    finally:
+        busy.join()
+        grid.redis.config_set("lua-time-limit", 5000)
+    wait_for(lambda: grid._ttl.stalls > stalls, timeout=5)  # the sweep after it granted leases
+    figures["bad_inputs"] += 1
