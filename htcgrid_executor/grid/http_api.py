@@ -512,8 +512,9 @@ class _Server(HTTPServer):
             except OSError:
                 pass
 
-    def stop_workers(self, timeout: float = 5.0) -> None:
-        """Let every worker finish its request and exit (a long poll may take up to ``timeout``)."""
+    def stop_workers(self, timeout: float = 1.0) -> None:
+        """Tell every worker to exit once its request is answered, waiting up to ``timeout``: one
+        still in a long poll ends with it (its Redis read returns, or fails as Redis stops)."""
         with self._count_lock:
             workers = list(self._workers)
         for _ in workers:
