@@ -14,6 +14,7 @@ Layout (prefix ``htcgrid:``; data-plane keys are bare, as a deployment writes th
 - ``listener:<lid>`` stream: every change (processing and terminal) of that listener's sessions
 - ``queue:<priority>`` list and ``queues`` zset of priorities; ``leases`` zset tid -> expiry ms
 - ``agents`` zset agent -> registration expiry; ``agent:<id>:cancelled`` list; ``doorbell`` list
+- ``swept_ms`` string: Redis time of the TTL checker's last sweep (a long gap means a stall)
 
 A terminal task's hash is deleted at once (its outcome lives in the session's stream), and a
 session's keys, data-plane keys included, expire ``retention`` after its last task ended: the
