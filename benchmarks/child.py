@@ -128,7 +128,13 @@ class _Instruments:
         config = getattr(grid, "client_config", None) if grid is not None else None
         if callable(config):
             config = config()
-        if isinstance(config, dict) and config.get("redis_url"):
+        server = getattr(grid, "redis_server", None)
+        if server is not None:  # INFO is an admin command: the client config's Redis user may not
+            try:
+                self.redis = GridRedisCounters(server.url)
+            except Exception as exc:
+                self.notes.append(f"grid Redis INFO unavailable: {type(exc).__name__}: {exc}")
+        elif isinstance(config, dict) and config.get("redis_url"):
             try:
                 self.redis = GridRedisCounters(config["redis_url"], config.get("redis_password"))
             except Exception as exc:

@@ -88,7 +88,7 @@ def measure(workers: int = 1) -> list[tuple[str, str, float]]:
         r = redis.Redis.from_url(config["redis_url"], password=config["redis_password"] or None)
         r.ping()
         rows.append(("Redis", "PING round trip (redis-py, hiredis if installed)", _us(r.ping, 2000)))
-        pipe_payload = [(f"bench-micro-{i}", b"x" * 100) for i in range(100)]
+        pipe_payload = [(f"bench-micro-{i}-input", b"x" * 100) for i in range(100)]  # a data-plane key
 
         def pipeline_100() -> None:
             p = r.pipeline(transaction=False)

@@ -24,6 +24,7 @@ from .errors import (
     RemoteError,
     SignatureError,
     StorageError,
+    StorageFullError,
     TaskFailedError,
 )
 from .states import TaskState
@@ -44,6 +45,7 @@ __all__ = [
     "BadRequestError",
     "GridUnavailableError",
     "StorageError",
+    "StorageFullError",
     "PayloadError",
     "SignatureError",
     "TaskFailedError",

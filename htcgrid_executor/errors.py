@@ -37,6 +37,7 @@ __all__ = [
     "BadRequestError",
     "GridUnavailableError",
     "StorageError",
+    "StorageFullError",
     "PayloadError",
     "SignatureError",
     "TaskFailedError",
@@ -84,6 +85,17 @@ class GridUnavailableError(GridError, ConnectionError):
 
 class StorageError(GridError):
     """The data plane (Redis or S3) failed a read or a write."""
+
+
+class StorageFullError(StorageError):
+    """The grid's Redis refuses writes: it is out of memory (``OOM``: maxmemory reached, and a
+    grid never evicts) or cannot save to its disk (``MISCONF``: a full disk, usually). Nothing
+    already stored is lost; the grid takes work again once memory or disk space is freed.
+    ``status`` is the control plane's HTTP status (507) when it came from there, else None."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PayloadError(GridError, TypeError, ValueError):

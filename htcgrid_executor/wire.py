@@ -50,7 +50,7 @@ __all__ = [
 #: what a deployment puts in ``*_OUTPUT`` lists: a pointer to the data plane, never data
 OUTPUT_PLACEHOLDER = "read_from_dataplane"
 
-_SESSION_ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9-]{1,128}")  # fullmatch: "$" would let a final "\n" in
 
 # The stats keys a deployment's functions index into: all must be present.
 _STATS_LABELS = {
@@ -75,7 +75,7 @@ def new_session_id() -> str:
 
 
 def is_valid_session_id(session_id: object) -> bool:
-    return isinstance(session_id, str) and bool(_SESSION_ID.match(session_id))
+    return isinstance(session_id, str) and bool(_SESSION_ID.fullmatch(session_id))
 
 
 def task_ids_for(session_id: str, count: int) -> list[str]:
@@ -128,7 +128,7 @@ def encoded_size(json_length: int) -> int:
 def decode_task(data: bytes | str) -> Any:
     try:
         return json.loads(base64.b64decode(data, validate=True))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise PayloadError(f"task input is not base64 JSON: {exc}") from exc
 
 
@@ -186,7 +186,7 @@ def encode_submission(submission: dict[str, Any]) -> bytes:
 def decode_submission(data: bytes | str) -> Any:
     try:
         return json.loads(base64.urlsafe_b64decode(data))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise PayloadError(f"submission payload is not urlsafe base64 JSON: {exc}") from exc
 
 
@@ -198,7 +198,7 @@ def encode_query(obj: dict[str, Any]) -> str:
 def decode_query(text: str) -> Any:
     try:
         return json.loads(base64.urlsafe_b64decode(text.encode()))
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise PayloadError(f"submission_content is not urlsafe base64 JSON: {exc}") from exc
 
 

@@ -11,8 +11,8 @@ One small interface, :class:`DataPlane`, three implementations (``grid_storage_s
   configured to do).
 
 Errors of redis and botocore are translated here: a store that cannot be reached raises
-:class:`GridUnavailableError`, one that refuses or fails an operation raises :class:`StorageError`,
-always with the original as ``__cause__``. Values are never logged.
+:class:`GridUnavailableError`, one that refuses or fails an operation raises :class:`StorageError` (:class:`StorageFullError` when
+Redis refuses writes: OOM, MISCONF), always with the original as ``__cause__``. Values are never logged.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import ConfigurationError, GridUnavailableError, StorageError
+from ..errors import ConfigurationError, GridUnavailableError, StorageError, StorageFullError
 from .config import ClientConfig
 
 __all__ = [
@@ -116,6 +116,9 @@ def _redis_error(exc: Exception, what: str) -> Exception:
     # unreachable server, so it is checked first.
     if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
         return StorageError(f"data plane (Redis) refused the credentials while trying to {what}: {exc}")
+    if isinstance(exc, rex.OutOfMemoryError) or str(exc).startswith(("MISCONF ", "OOM ")):
+        return StorageFullError(f"data plane (Redis) refuses writes, full memory or disk, while trying to "
+                                f"{what}: {'OOM ' if isinstance(exc, rex.OutOfMemoryError) else ''}{exc}")
     if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
         return GridUnavailableError(f"data plane (Redis) unreachable while trying to {what}: {exc}")
     return StorageError(f"data plane (Redis) failed to {what}: {exc}")

@@ -18,6 +18,7 @@ Errors, after retries:
 no answer at all                :class:`GridUnavailableError`
 401, 403                        :class:`AuthenticationError` (after one renewal attempt)
 other 4xx (400, 404, 413, ...)  :class:`BadRequestError` with the server's message
+507                             :class:`StorageFullError`: the grid's Redis refuses writes
 5xx (542, 543, 502, ...)        :class:`ControlPlaneError` with status and message
 ==============================  ======================================================
 
@@ -45,7 +46,13 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from ..errors import AuthenticationError, BadRequestError, ControlPlaneError, GridUnavailableError
+from ..errors import (
+    AuthenticationError,
+    BadRequestError,
+    ControlPlaneError,
+    GridUnavailableError,
+    StorageFullError,
+)
 from .auth import Auth
 
 __all__ = ["HTTPTransport", "RETRY_STATUSES", "server_message"]
@@ -225,4 +232,6 @@ class HTTPTransport:
                 continue
             if 400 <= status < 500 and status != 429:
                 raise BadRequestError(f"{method} {route}: {message}", status)
+            if status == 507:  # the grid's storage refuses writes: no retry helps until space is freed
+                raise StorageFullError(f"{method} {route}: {message}", status)
             raise ControlPlaneError(f"{method} {route}: {message}", status)

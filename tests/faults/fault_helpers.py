@@ -124,6 +124,7 @@ FIGURE_LABELS = {
     "agents_killed": "agent processes SIGKILLed mid-run",
     "control_plane_restarts": "control-plane restarts survived",
     "redis_restarts": "Redis restarts survived",
+    "redis_pauses": "Redis pauses (SIGSTOP past a lease) ridden out, no lease lost",
     "clients_killed": "client processes SIGKILLed and re-attached",
     "tasks_timed_out": "hung calls stopped at their time limit",
     "bad_inputs": "bad inputs tried (each a clear error, grid still serving)",

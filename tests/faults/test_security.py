@@ -2,6 +2,9 @@
 
 - The HTTP API and Redis refuse anyone without the grid's credentials.
 - Both listen on loopback only, unless told otherwise; secrets are on no command line.
+- Redis has a user per role (agents, the grid's process, clients' data plane), none of which may
+  configure it, load a module or save files; clients reach data-plane keys only, and no script;
+  the admin password stays in the grid's process.
 - Credential and config files are readable by their owner only.
 - A pickle is loaded only when its HMAC matches the grid secret: a tampered ``<task_id>-input``
   is refused by the agent, a tampered ``<task_id>-output`` by the client, and neither is ever
@@ -15,6 +18,7 @@ import json
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import fault_tasks
 import psutil
@@ -31,6 +35,8 @@ from htcgrid_executor import (
     SignatureError,
     StorageError,
 )
+from htcgrid_executor.grid.agent import AGENT_CONFIG_ENV
+from htcgrid_executor.grid.state_table import key_for
 from htcgrid_executor.payload import sign_bytes
 from htcgrid_executor.wire import input_key, output_key
 from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickle_function
@@ -278,3 +284,83 @@ def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector, f
     with pytest.raises(SignatureError):
         futures[1].result(timeout=30)  # made for the first task: refused
     figures["tampered_payloads_refused"] += 1
+
+
+# ------------------------------------------------------------------------------- Redis ACL roles
+
+
+_ADMIN_ONLY = [
+    ("CONFIG", "SET", "dir", "/tmp"),
+    ("CONFIG", "GET", "requirepass"),
+    ("MODULE", "LOAD", "/tmp/htcgrid-no-such-module.so"),
+    ("DEBUG", "SLEEP", "0"),
+    ("SAVE",),
+    ("BGSAVE",),
+    ("REPLICAOF", "127.0.0.1", "1"),
+    ("ACL", "LIST"),
+    ("CLIENT", "LIST"),
+    ("KEYS", "*"),
+    ("FLUSHALL",),
+    ("SHUTDOWN", "NOSAVE"),
+]
+
+
+def _role_clients(grid):
+    """A client per credential that leaves the grid process: the client config's data-plane URL,
+    the joining agents' URL (in the config too) and what the grid hands its own agents."""
+    config = grid.client_config
+    agent_env = json.loads(_environ(grid.agent_pids()[0])[AGENT_CONFIG_ENV])
+    urls = {"client": config["redis_url"], "joining agent": config["htcgrid_redis_control_url"],
+            "agent": agent_env["redis_url"]}
+    return {role: redis.Redis.from_url(url, socket_timeout=5) for role, url in urls.items()}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_no_role_can_configure_redis_load_a_module_or_save_files(make_grid, figures):
+    """The issue's attack: with the data-plane password, MODULE LOAD ran code in redis-server and
+    CONFIG SET dir + SAVE wrote files. Every role's credentials are refused those commands."""
+    grid = make_grid(workers=1)
+    before = grid.redis.config_get("dir")["dir"]
+    for role, client in _role_clients(grid).items():
+        assert client.ping(), role
+        for command in _ADMIN_ONLY:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.execute_command(*command)
+            figures["unauthorised_requests_refused"] += 1
+        client.close()
+    assert grid.redis.config_get("dir")["dir"] == before
+    assert grid.redis.ping()  # still up: SHUTDOWN was refused too
+
+
+def test_a_data_plane_client_can_only_touch_data_plane_keys_and_runs_no_script(make_grid, make_executor,
+                                                                               figures):
+    grid = make_grid(workers=1)
+    assert make_executor(grid).submit(fault_tasks.square, 3).result(timeout=30) == 9
+    client = _role_clients(grid)["client"]
+    client.set("s-1_0-input", b"x")  # its own keys: yes
+    assert client.get("s-1_0-input") == b"x"
+    refused = [
+        lambda: client.get(key_for("queues")),
+        lambda: client.set(key_for("task", "s-1_0"), b"pending"),
+        lambda: client.lpush(key_for("queue", "0"), "s-1_0"),
+        lambda: client.eval("return 1", 0),
+        lambda: client.evalsha("0" * 40, 0),  # the state table's scripts: not for clients
+        lambda: client.set("canary", b"not a data-plane key"),
+    ]
+    for attempt in refused:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+        figures["unauthorised_requests_refused"] += 1
+    client.close()
+
+
+def test_the_admin_password_never_leaves_the_grid_process(make_grid):
+    grid = make_grid(workers=2)
+    admin = grid.redis_server.password
+    assert admin not in json.dumps(grid.client_config)
+    for pid in [*grid.agent_pids(), grid.redis_server.pid]:
+        assert admin not in json.dumps(_environ(pid)), f"pid {pid} has the admin password"

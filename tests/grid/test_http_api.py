@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import logging
 import socket
+import time
+import urllib.parse
 
 import pytest
 import requests
-from grid_client import GridClient
+from grid_client import GridClient, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -132,3 +135,170 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_traceback(grid, method, path, cont
                               headers={"x-api-key": grid.api_key}, timeout=10)
     assert answer.status_code < 500, answer.text
     assert "Traceback" not in answer.text
+
+
+# ----------------------------------------------------------- a bounded surface (issue 14, 2 and 6)
+
+
+def _address(grid) -> tuple[str, int]:
+    host, port = grid.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _raw(address, head: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``head`` on a new connection (not closing our side) and return the first answer."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(head)
+        return sock.recv(4096)
+
+
+def _no_server_errors_logged(caplog) -> None:
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize("cursor", ["²", "１", "1-²", "٣", str(2**64), f"0-{2**64}", "1-", "-1", "1--2", " 1"])
+@pytest.mark.parametrize("listener", [False, True])
+def test_malformed_cursors_get_a_400_never_a_500(grid, client, caplog, cursor, listener):
+    sid = client.submit([{"value": 1}], listener="lst-cursors" if listener else None)
+    params = {"submission_content": wire.encode_query({"session_id": sid}), "after": cursor}
+    if listener:
+        params["listener"] = "lst-cursors"
+    answer = requests.get(grid.url + "/result", params=params, headers={"x-api-key": grid.api_key})
+    assert answer.status_code == 400, answer.text
+    assert "cursor" in answer.json()["error"]
+    _no_server_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("wait_ms", ["１", "²", "1_000", " 5", "99999999999999999999"])
+def test_malformed_integers_get_a_400(grid, client, wait_ms):
+    sid = client.submit([{"value": 1}])
+    answer = requests.get(grid.url + "/result", headers={"x-api-key": grid.api_key}, params={
+        "submission_content": wire.encode_query({"session_id": sid}), "after": "0", "wait_ms": wait_ms})
+    assert answer.status_code == 400 and "wait_ms" in answer.json()["error"]
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/result"), ("POST", "/cancel")])
+def test_deeply_nested_json_in_submission_content_gets_a_400(grid, caplog, method, path):
+    deep = base64.urlsafe_b64encode(b'{"session_id": "s", "session_ids_to_cancel": ' + DEEP[:20_000]
+                                    + DEEP[-20_000:] + b"}").decode()
+    answer = requests.request(method, grid.url + path, params={"submission_content": deep},
+                              headers={"x-api-key": grid.api_key})
+    assert answer.status_code == 400, answer.text
+    assert "JSON" in answer.json()["error"]
+    _no_server_errors_logged(caplog)
+
+
+def test_a_deeply_nested_submission_payload_gets_a_400(grid, caplog):
+    sid = wire.new_session_id()
+    grid.redis.set(wire.payload_key(sid), base64.urlsafe_b64encode(DEEP))
+    answer = requests.post(grid.url + "/submit", params={"submission_content": sid},
+                           headers={"x-api-key": grid.api_key})
+    assert answer.status_code == 400 and "JSON" in answer.json()["error"]
+    assert grid.table.session_info(sid) is None
+    _no_server_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("length", [b"-1", b"+5", b"1e3", b"0x10", b"\xd9\xa3"])
+def test_a_negative_or_malformed_content_length_is_refused_at_once(grid, length):
+    # the old server read a "-1" body to the end of the stream, without even checking the key
+    answer = _raw(_address(grid), b"POST /submit?submission_content=x HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: " + length + b"\r\n\r\n" + b"a" * 1000)
+    assert b" 400 " in answer.split(b"\r\n")[0] and b"Content-Length" in answer
+
+
+def test_no_body_byte_is_read_without_the_key(grid):
+    # a body the server would accept in size: refused (401) on its headers, before any is read
+    answer = _raw(_address(grid), b"POST /submit?submission_content=x HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 1000000\r\n\r\n", timeout=3)
+    assert b" 401 " in answer.split(b"\r\n")[0]
+    assert b"Connection: close" in answer  # its body was not read: the connection is not reused
+    answer = _raw(_address(grid), b"POST /submit?submission_content=x HTTP/1.1\r\nHost: x\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n", timeout=3)
+    assert b" 411 " in answer.split(b"\r\n")[0]
+
+
+@pytest.fixture
+def small_server(grid):
+    """A second control plane on the module's grid, with a small connection cap and timeout."""
+    from htcgrid_executor.grid.http_api import ControlPlaneServer
+
+    server = ControlPlaneServer(grid.table, grid.api_key, max_connections=4,
+                                connection_timeout_sec=0.5).start()
+    yield server
+    server.stop()
+
+
+def test_a_silent_connection_is_closed_after_the_timeout(small_server):
+    with socket.create_connection(("127.0.0.1", small_server.port), timeout=5) as sock:
+        sock.sendall(b"GET /result?submission_content=x HTTP/1.1\r\nHost: x\r\n")  # never ends
+        started = time.monotonic()
+        data = sock.recv(4096)
+        while data and b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        assert time.monotonic() - started < 3  # before: no timeout at all, the socket's 5 s ran out
+        assert data == b"" or b" 408 " in data
+
+
+def test_connections_past_the_cap_get_a_503_and_the_threads_stay_bounded(small_server):
+    url = f"http://127.0.0.1:{small_server.port}/result"
+    held = [socket.create_connection(("127.0.0.1", small_server.port)) for _ in range(4)]
+    try:
+        wait_for(lambda: len(small_server._server._connections) == 4, timeout=5)
+        extra = requests.get(url, params={"submission_content": "x"}, timeout=5)
+        assert extra.status_code == 503 and "too many connections" in extra.json()["error"]
+        workers = small_server._server._workers
+        assert len(workers) == 4 and all(w.is_alive() for w in workers)  # one per connection, no more
+    finally:
+        for sock in held:
+            sock.close()
+    # the held connections closed, the server answers again
+    wait_for(lambda: requests.get(url, params={"submission_content": "x"}, timeout=5).status_code == 401)
+
+
+CURSORS = st.one_of(st.sampled_from(["0", "1-0", "²", "１", "1-", str(2**64), "-1", "0-0", "99999999999999-0"]),
+                    st.text(alphabet="0123456789-²１٣ ", max_size=24))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT"]),
+    path=st.sampled_from(["/submit", "/result", "/cancel", "//[x/result", "/result/../submit", "*", "/%00"]),
+    content=st.one_of(
+        st.text(max_size=200),
+        st.binary(max_size=200).map(_b64),
+        st.integers(1, 5000).map(lambda depth: _b64(b"[" * depth + b"]" * depth)),
+        st.integers(1, 5000).map(lambda depth: _b64(b'{"session_id": "s", "x": ' + b"[" * depth + b"]" * depth + b"}")),
+        st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(
+                         st.sampled_from(["session_id", "session_ids_to_cancel", "task_ids_to_cancel", "x"]),
+                         c, max_size=3),
+                     max_leaves=8).map(lambda o: _b64(o) if isinstance(o, dict) else _b64([o]))),
+    after=st.none() | CURSORS,
+    wait_ms=st.none() | st.sampled_from(["0", "1", "-1", "x", "１", "²", "1_0", str(2**70)]),
+    listener=st.none() | st.text(max_size=12),
+    content_length=st.none() | st.sampled_from(["0", "-1", "5", "abc", str(2**70), "9999999"]),
+    keyed=st.booleans(),
+)
+def test_fuzzed_requests_to_all_three_routes_never_get_a_5xx(grid, caplog, method, path, content, after, wait_ms,
+                                                           listener, content_length, keyed):
+    query = {"submission_content": content}
+    for name, value in (("after", after), ("wait_ms", wait_ms), ("listener", listener)):
+        if value is not None:
+            query[name] = value
+    head = [f"{method} {path}?{urllib.parse.urlencode(query)} HTTP/1.1", "Host: x"]
+    if keyed:
+        head.append(f"x-api-key: {grid.api_key}")
+    if content_length is not None:
+        head.append(f"Content-Length: {content_length}")
+    body = b"b" * 5 if content_length == "5" else b""
+    answer = _raw(_address(grid), ("\r\n".join(head) + "\r\n\r\n").encode() + body, timeout=15)
+    status_line, _, rest = answer.partition(b"\r\n")
+    status = int(status_line.split()[1])
+    assert 200 <= status < 500, answer
+    if status >= 400 and b"\r\n\r\n" in rest and rest.split(b"\r\n\r\n", 1)[1]:
+        assert b'"error"' in rest and b"Traceback" not in rest
+    _no_server_errors_logged(caplog)
