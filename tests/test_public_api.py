@@ -172,12 +172,17 @@ def test_executor_surface():
     from htcgrid_executor import HTCGridExecutor
     from htcgrid_executor import executor as module
 
-    assert module.__all__ == ["HTCGridExecutor"]
+    assert module.__all__ == ["HTCGridExecutor", "ExecutorView"]
     assert issubclass(HTCGridExecutor, concurrent.futures.Executor)
     assert public_members(HTCGridExecutor) == {
         "submit", "map", "shutdown",  # concurrent.futures.Executor
-        "submit_task", "kill_running", "sessions", "attach",
+        "submit_task", "kill_running", "sessions", "attach", "options",
     }
+    assert parameters(HTCGridExecutor.options) == ["self", "priority=", "task_timeout_sec=", "retry_count="]
+    # a view of per-call options: a plain Executor, plus its options
+    assert issubclass(module.ExecutorView, concurrent.futures.Executor)
+    assert public_members(module.ExecutorView) == {"submit", "map", "shutdown", "options"}
+    assert parameters(module.ExecutorView.shutdown) == ["self", "wait", "cancel_futures="]
     assert parameters(HTCGridExecutor.__init__) == [
         "self", "max_workers", "connector=", "config=", "mp_context=", "initializer=", "initargs=",
         "max_tasks_per_child=", "priority=", "task_timeout_sec=", "retry_count=", "batch_size=",
@@ -225,7 +230,7 @@ def test_connector_keeps_the_seeds_api():
     assert parameters(AWSConnector.authenticate) == ["self"]
     assert parameters(AWSConnector.from_config_file) == ["path"]
     assert parameters(AWSConnector.send)[2:] == [
-        "priority=", "session_id=", "listener=", "task_timeout_sec=", "retry_count="]
+        "priority=", "session_id=", "listener=", "task_timeout_sec=", "retry_count=", "options="]
     assert hasattr(AWSConnector, "__enter__") and hasattr(AWSConnector, "__exit__")
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import BadRequestError, ConfigurationError, ControlPlaneError, GridError, PayloadError
+from ..options import TaskOptions
 from ..worker_guard import COLLECTED, cancel_key, run_key
 from .auth import ApiKeyAuth, Auth, CognitoAuth
 from .config import ClientConfig
@@ -262,6 +263,7 @@ class AWSConnector:
         listener: str | None = None,
         task_timeout_sec: float | None = None,
         retry_count: int | None = None,
+        options: TaskOptions | None = None,
     ) -> dict[str, Any]:
         """Submit ``tasks_list`` (JSON-serialisable values, each the event of one worker call) as
         one session; returns ``{'session_id': sid, 'task_ids': [...]}`` in submission order.
@@ -273,9 +275,18 @@ class AWSConnector:
         submit repeated after an error never runs the work twice (the grid answers a repeated
         submit of a known session with the same answer). ``listener``: subscribe the session to
         that listener's stream (see :meth:`poll_listener`). ``task_timeout_sec``/``retry_count``
-        default to the grid's 3600 s and 5.
+        default to the grid's 3600 s and 5. ``options``: a :class:`~htcgrid_executor.options.TaskOptions`
+        instead of those three keywords (giving both raises TypeError); the wire holds options per
+        session, so every task of one ``send`` gets the same.
         """
         _, transport, store = self._parts()
+        if options is not None:
+            if not isinstance(options, TaskOptions):
+                raise TypeError(f"options must be a TaskOptions, got {type(options).__name__}")
+            if priority != 0 or task_timeout_sec is not None or retry_count is not None:
+                raise TypeError("pass options= or priority/task_timeout_sec/retry_count, not both")
+            priority, task_timeout_sec, retry_count = (options.priority, options.task_timeout_sec,
+                                                       options.retry_count)
         if not isinstance(tasks_list, (list, tuple)):
             raise BadRequestError(f"tasks_list must be a list of tasks, got {type(tasks_list).__name__}")
         if not tasks_list:

@@ -102,6 +102,26 @@ def test_retry_count_zero_fails_a_call_whose_worker_was_lost(standin, make_execu
     assert runs(str(path)) == []
 
 
+def test_per_call_options_reach_the_guard_of_each_task(standin, make_executor, tmp_path):
+    executor = make_executor(batch_window=0.1)  # no time limit, 2 retries
+    limited = executor.options(task_timeout_sec=0.5)
+    stopped = limited.submit(sleep, 5.0)
+    unlimited = executor.submit(sleep, 1.0)  # in the same send round, in its own session
+    with pytest.raises(TaskFailedError, match="time limit"):
+        stopped.result(timeout=20)
+    assert unlimited.result(timeout=20) == 1.0
+    path = tmp_path / "runs"
+    path.touch()
+    future = executor.options(retry_count=0).submit(slow_record, str(path), 1, 3.0)
+    sid = executor.sessions()[0]["session_id"]
+    _wait_processing(standin, 1)
+    assert standin.kill_agent_running(standin.tasks_of(sid)[0])
+    with pytest.raises(TaskFailedError, match="retry_count=0"):
+        future.result(timeout=20)
+    standin.wait_idle()
+    assert runs(str(path)) == []
+
+
 def test_cli_status_of_a_collected_session_counts_it_finished(standin, make_executor, tmp_path, capsys):
     executor = make_executor()
     future = executor.submit(double, 21)
