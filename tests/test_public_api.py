@@ -45,6 +45,7 @@ PUBLIC_NAMES = {
 CONNECTOR_NAMES = {
     "AWSConnector",
     "ResultBatch",
+    "SessionStatus",
     "ClientConfig",
     "AGENT_CONFIG_FILE",
     "Auth",
@@ -219,7 +220,7 @@ def test_connector_keeps_the_seeds_api():
         "init", "from_config_file",
         # beyond the seed: polls, single-task cancel, cleanup, lifecycle
         "poll_session", "poll_listener", "new_listener_id", "forget_listener", "cancel_tasks",
-        "delete_session_data", "mark_cancelled", "close", "store", "transport",
+        "delete_session_data", "mark_cancelled", "close", "store", "transport", "session_status",
     }
     # the seed's parameter names, which its users pass as keywords
     assert parameters(AWSConnector.__init__) == ["self", "client_config_data", "username=", "password="]
