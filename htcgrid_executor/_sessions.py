@@ -36,7 +36,7 @@ from .errors import (
 )
 from .options import TaskOptions
 from .wire import decode_task, input_key, new_session_id, task_ids_for
-from .worker import decode_output, is_executor_task, task_binding
+from .worker import decode_output_and_logs, is_executor_task, log_note, task_binding
 from .worker_guard import GUARD_FIELD, guard_location, seal_guard
 
 __all__: list[str] = []  # private module
@@ -188,6 +188,8 @@ class _Core:
         self.cancel_marks: list[str] = []  # task ids to mark cancelled in the data plane (deployment)
         self.session_cancels: list[str] = []  # session ids to cancel on the grid
         self.cleanups: list[dict[str, Any]] = []  # collected sessions whose data to delete
+        # task id -> its captured logs, to keep in the data plane past the session's deletion
+        self.log_copies: dict[str, str] = {}
         self.shutdown = False
         self.broken: BaseException | None = None
         self.poller_done = False
@@ -397,11 +399,16 @@ class _Core:
                 call.future.set_running_or_notify_cancel()
             except RuntimeError:
                 pass  # resolved meanwhile by the broken path
+        logs_of: dict[str, str] = {}
         for call, need_claim, kind, value in ends:
             if kind == "finished" and self.deployment:
                 self._measure(value)
             if kind == "finished":
-                ok, result = decode_output(value, self.key, raw=call.raw, binding=call.binding)
+                ok, result, logs = decode_output_and_logs(value, self.key, raw=call.raw, binding=call.binding)
+                if logs and call.task_id is not None:
+                    logs_of[call.task_id] = logs
+                    if not ok:
+                        log_note(result, logs, call.task_id)
                 self._settle(call, need_claim, ok, result)
             elif kind == "failed":
                 self._settle(call, need_claim, False, TaskFailedError(str(value), call.task_id))
@@ -410,6 +417,10 @@ class _Core:
                 # Future cannot become cancelled, so it raises CancelledError instead
                 exc = CancelledError(f"task {call.task_id} was cancelled on the grid while running")
                 self._settle(call, False, False, exc)
+        if logs_of:
+            with self.lock:
+                self.log_copies.update(logs_of)
+                self.cond.notify()
         return bool(starts or ends)
 
     def _measure(self, output: str) -> None:
@@ -492,7 +503,8 @@ class _Core:
             with self.cond:
                 while True:
                     closing = self.closing()
-                    work = bool(self.cancels or self.cancel_marks or self.session_cancels or self.cleanups)
+                    work = bool(self.cancels or self.cancel_marks or self.session_cancels or self.cleanups
+                                or self.log_copies)
                     if self.buffer:
                         age = time.monotonic() - self.buffer_since
                         if closing or len(self.buffer) >= self.batch_size or age >= self.batch_window:
@@ -510,6 +522,11 @@ class _Core:
                 cancel_marks, self.cancel_marks = self.cancel_marks, []
                 session_cancels, self.session_cancels = self.session_cancels, []
                 cleanups, self.cleanups = self.cleanups, []
+                log_copies, self.log_copies = self.log_copies, {}
+            if log_copies and hasattr(self.connector, "keep_task_logs"):
+                # their own keys, which the session's deletion leaves (they expire with the
+                # grid's retention): `htcgrid-executor logs TASK_ID` reads them later
+                self._best_effort("keep_task_logs", self.connector.keep_task_logs, log_copies)
             for batch, session, tasks_list in sends:
                 self._send(batch, session, tasks_list)
             if cancel_marks and self.guard is not None:

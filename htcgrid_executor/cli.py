@@ -5,6 +5,7 @@
     htcgrid-executor agent                add agents to a running grid (this or another machine)
     htcgrid-executor status SESSION...    counts per state of sessions (pending ... cancelled)
     htcgrid-executor cancel SESSION...    cancel sessions
+    htcgrid-executor logs TASK_ID         a task's captured stdout, stderr and logging
 
 Errors are one line on stderr and a non-zero exit status. Logging is configured here, in the
 entry point, never by the library.
@@ -156,6 +157,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .connector import AWSConnector
+
+    config = _read_config(args.config)
+    with AWSConnector(config) as connector:
+        connector.authenticate()
+        logs = connector.task_logs(args.task_id)
+    if logs is None:
+        raise GridError(f"no logs of task {args.task_id}: it wrote nothing, has not ended, or its logs expired")
+    sys.stdout.write(logs if logs.endswith("\n") else logs + "\n")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: a count of at least 1 (else argparse's one-line usage error)."""
     try:
@@ -203,6 +217,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("sessions", nargs="+", metavar="SESSION")
         sub.add_argument("--config", help=f"client config (default $AGENT_CONFIG_FILE or {DEFAULT_CONFIG})")
         sub.set_defaults(run=run)
+    logs = commands.add_parser("logs", help="a task's captured stdout, stderr and logging (the last 64 KiB)")
+    logs.add_argument("task_id", metavar="TASK_ID")
+    logs.add_argument("--config", help=f"client config (default $AGENT_CONFIG_FILE or {DEFAULT_CONFIG})")
+    logs.set_defaults(run=cmd_logs)
     return parser
 
 

@@ -10,6 +10,7 @@ data-plane key                 value
 ``<task_id>-input``            standard base64 of ``json.dumps(task_dict)``
 ``<session_id>-payload``       urlsafe base64 of the JSON submission object
 ``<task_id>-output``           standard base64 of the worker's response text
+``<task_id>-logs``             a task's captured logs, UTF-8 (this package's extension)
 =============================  ===================================================
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "input_key",
     "output_key",
     "payload_key",
+    "logs_key",
     "encode_task",
     "decode_task",
     "encode_output",
@@ -101,6 +103,11 @@ def output_key(task_id: str) -> str:
 
 def payload_key(session_id: str) -> str:
     return f"{session_id}-payload"
+
+
+def logs_key(task_id: str) -> str:
+    """Where the executor keeps a task's captured logs after deleting its session's data."""
+    return f"{task_id}-logs"
 
 
 def encode_task(task: Any) -> bytes:

@@ -221,6 +221,7 @@ def test_connector_keeps_the_seeds_api():
         # beyond the seed: polls, single-task cancel, cleanup, lifecycle
         "poll_session", "poll_listener", "new_listener_id", "forget_listener", "cancel_tasks",
         "delete_session_data", "mark_cancelled", "close", "store", "transport", "session_status",
+        "keep_task_logs", "task_logs",
     }
     # the seed's parameter names, which its users pass as keywords
     assert parameters(AWSConnector.__init__) == ["self", "client_config_data", "username=", "password="]

@@ -44,7 +44,8 @@ MAX_WAIT_SEC = 20.0
 
 _ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
 _TERMINAL = ("finished", "failed", "cancelled")
-_AFTER_EVERYTHING = "99999999999999-0"  # a cursor after every event: an answer with counts only
+_AFTER_EVERYTHING = "99999999999999-0"
+_LOG_RETENTION_SEC = 3600.0  # a grid's default retention of ended sessions' keys  # a cursor after every event: an answer with counts only
 # reason given for a task the grid reports finished whose output is not in the data plane
 _NO_OUTPUT = "the task finished but its output is missing from the data plane (evicted or deleted)"
 
@@ -716,6 +717,35 @@ class AWSConnector:
         if guarded:
             self.store.put_many({run_key(tid): COLLECTED for tid in task_ids})
         self.store.delete_many(keys)
+
+    def keep_task_logs(self, logs: Mapping[str, str]) -> None:
+        """Store tasks' captured logs (task id -> text) under their own ``<task_id>-logs`` keys,
+        in one batched write: :meth:`delete_session_data` leaves them. On Redis they expire
+        after ``htcgrid_retention_sec`` (the config's; a LocalGrid states its retention there;
+        default 3600 s); on S3 a lifecycle rule of the bucket must remove them."""
+        if logs:
+            retention = self.client_config.get("htcgrid_retention_sec", _LOG_RETENTION_SEC)
+            self.store.put_many({wire.logs_key(tid): text.encode("utf-8", "replace") for tid, text in logs.items()},
+                                expire_sec=float(retention))
+
+    def task_logs(self, task_id: str) -> str | None:
+        """A task's captured logs (its stdout, stderr and logging, the last 64 KiB): from its
+        ``<task_id>-logs`` key, else from its output while that is still in the data plane.
+        None when neither holds any (the task printed nothing, is not done, or its logs
+        expired). Raises PayloadError for something that is not a task id, and the data plane's
+        errors."""
+        wire.session_of(task_id)  # PayloadError for something that is not a task id
+        kept, output = self.store.get_many([wire.logs_key(task_id), wire.output_key(task_id)])
+        if kept is not None:
+            return bytes(kept).decode("utf-8", "replace")
+        if output is None:
+            return None
+        try:
+            doc = json.loads(wire.decode_output(output))
+        except (PayloadError, ValueError):
+            return None
+        logs = doc.get("logs") if isinstance(doc, dict) else None
+        return logs if isinstance(logs, str) and logs else None
 
     def mark_cancelled(self, task_ids: list[str]) -> None:
         """Mark tasks cancelled in the data plane, in one batched write: a worker running this

@@ -140,7 +140,7 @@ def test_errors_are_one_line_and_a_non_zero_exit(tmp_path):
     assert zero.stderr.splitlines()[-1] == "htcgrid-executor demo: error: argument --workers: must be at least 1, not 0"
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["grid"], ["agent"], ["status"], ["cancel"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["grid"], ["agent"], ["status"], ["cancel"], ["logs"]])
 def test_every_command_has_help(command):
     answer = _cli(*command, "--help")
     assert answer.returncode == 0

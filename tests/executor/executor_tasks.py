@@ -177,3 +177,24 @@ def record_start(path, tag):
     with open(path, "a") as handle:
         handle.write(tag + "\n")
     return tag
+
+
+def noisy(x, fail=False):
+    """Write to stdout, stderr and logging, then return x (or raise)."""
+    import logging
+    import sys
+
+    print(f"stdout line of {x}")
+    print(f"stderr line of {x}", file=sys.stderr)
+    logging.getLogger("user.module").warning("a warning about %s", x)
+    if fail:
+        raise ValueError(f"failed on {x}")
+    return x
+
+
+def print_kib(kib, last):
+    """Print ``kib`` KiB of filler, then ``last``."""
+    for _ in range(kib):
+        print("x" * 1023)
+    print(last)
+    return kib
