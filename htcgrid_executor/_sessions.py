@@ -35,7 +35,7 @@ from .errors import (
     TaskFailedError,
 )
 from .options import TaskOptions
-from .wire import decode_task, input_key, new_session_id, task_ids_for
+from .wire import decode_task, input_key, new_session_id, shared_key, task_ids_for
 from .worker import decode_output_and_logs, is_executor_task, log_note, task_binding
 from .worker_guard import GUARD_FIELD, guard_location, seal_guard
 
@@ -190,6 +190,7 @@ class _Core:
         self.cleanups: list[dict[str, Any]] = []  # collected sessions whose data to delete
         # task id -> its captured logs, to keep in the data plane past the session's deletion
         self.log_copies: dict[str, str] = {}
+        self.shares: set[str] = set()  # ids of objects shared (executor.share) and not released
         self.shutdown = False
         self.broken: BaseException | None = None
         self.poller_done = False
@@ -656,9 +657,22 @@ class _Core:
                     return
                 time.sleep(0.1 * (attempt + 1))
 
+    def release_shares(self, share_ids: list[str]) -> None:
+        """Delete shared objects from the data plane (the caller's thread; raises its errors)."""
+        with self.lock:
+            ids = [sid for sid in share_ids if sid in self.shares]
+            self.shares.difference_update(ids)
+        if ids:
+            self.connector.store.delete_many([shared_key(sid) for sid in ids])
+
     def _close(self) -> None:
         with _live_lock:
             _live_cores.discard(self)
+        if self.shares:  # the work is done: what it shared goes
+            try:
+                self.release_shares(list(self.shares))
+            except Exception as exc:  # noqa: BLE001 - closing must not raise in a thread
+                logger.debug("shared objects not deleted: %s", exc)
         if self.owns_connector:
             try:
                 self.connector.close()

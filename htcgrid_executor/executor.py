@@ -40,10 +40,19 @@ from .errors import (
 )
 from .options import DEFAULT_RETRY_COUNT, TaskOptions
 from .payload import dumps_signed
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size
-from .worker import check_task_size, make_task, pickle_args, pickle_chunk, pickle_function
+from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size, new_session_id, shared_key
+from .worker import (
+    SHARED_CONTEXT_PREFIX,
+    _shared_object,
+    check_task_size,
+    make_task,
+    pickle_args,
+    pickle_chunk,
+    pickle_function,
+)
+from .worker_guard import guard_location
 
-__all__ = ["HTCGridExecutor", "ExecutorView"]
+__all__ = ["HTCGridExecutor", "ExecutorView", "SharedHandle"]
 
 T = TypeVar("T")
 
@@ -383,6 +392,40 @@ class HTCGridExecutor(Executor):
                                                     ("retry_count", retry_count)) if value is not _UNSET}
         return ExecutorView(self, self._core.options.replace(**changes))
 
+    def share(self, obj: Any) -> SharedHandle:
+        """Store ``obj`` once in the grid's data plane; return a handle that tasks use instead.
+
+        Pass the handle as an argument (or close over it) and, in each grid worker process, it
+        unpickles to ``obj`` itself: read from the data plane and unpickled the first time, then
+        taken from the process's cache (its last 4 shared objects), so a ``map`` of many tasks
+        over one large object moves it once per worker process, not once per task. ``obj`` is
+        pickled here and signed with the grid secret (workers refuse it otherwise).
+
+        Freed (deleted from the data plane) by ``handle.release()`` (or leaving ``with handle:``)
+        and by this executor's shutdown, once its work is done. A task that starts after the
+        release fails with ``PayloadError`` (unless its worker process still has the object
+        cached), so release a handle when the calls using it are done. Worker processes drop
+        their copy as newer shared objects push it out. Raises
+        ``PayloadError`` if ``obj`` cannot be pickled or is over ``max_payload_bytes``,
+        ``RuntimeError`` after shutdown, and the data plane's errors.
+        """
+        self._check_open()
+        key = self._key()
+        share_id = new_session_id()
+        try:
+            blob = dumps_signed(obj, key, SHARED_CONTEXT_PREFIX + share_id)
+        except PayloadError as exc:
+            raise PayloadError(f"cannot pickle the shared object: {exc.__cause__}") from exc.__cause__
+        if len(blob) > self._max_payload:
+            raise PayloadError(f"the shared object is too large for the grid: {len(blob):,} bytes in the data "
+                               f"plane, over the limit of {self._max_payload:,} bytes (max_payload_bytes)")
+        core = self._core
+        location = guard_location(core.connector.config) if core.deployment else {"store": "GRID"}
+        core.connector.store.put_many({shared_key(share_id): blob.encode()})
+        with core.lock:
+            core.shares.add(share_id)
+        return SharedHandle(core, share_id, location)
+
     # ---- stopping -------------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, kill_running: bool = False) -> None:
@@ -486,6 +529,50 @@ class HTCGridExecutor(Executor):
         if key is None:
             raise ConfigurationError(_NO_KEY)
         return key
+
+
+class SharedHandle:
+    """An object stored once in the grid's data plane by :meth:`HTCGridExecutor.share`.
+
+    In a task (an argument, or a global or closure of its function) it unpickles to the shared
+    object, loaded once per worker process. ``release()`` deletes it from the data plane (also
+    on leaving ``with handle:``); repeatable. A released handle can no longer be sent
+    (``PayloadError`` at ``submit``/``map``).
+    """
+
+    __slots__ = ("share_id", "_location", "_core", "_released", "__weakref__")
+
+    def __init__(self, core: _Core, share_id: str, location: dict[str, Any]) -> None:
+        self.share_id = share_id
+        self._location = location
+        self._core = core
+        self._released = False
+
+    def __reduce__(self) -> tuple[Any, tuple[str, dict[str, Any]]]:
+        if self._released:
+            raise ValueError(f"shared object {self.share_id} was released")
+        return _shared_object, (self.share_id, self._location)
+
+    @property
+    def released(self) -> bool:
+        """True once the object was deleted from the data plane (release, or shutdown)."""
+        return self._released or self.share_id not in self._core.shares
+
+    def release(self) -> None:
+        """Delete the object from the data plane now. Raises the data plane's errors."""
+        if self._released:
+            return
+        self._released = True
+        self._core.release_shares([self.share_id])
+
+    def __enter__(self) -> SharedHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<SharedHandle {self.share_id}{' (released)' if self.released else ''}>"
 
 
 class _Tracker:

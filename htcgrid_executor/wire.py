@@ -11,6 +11,7 @@ data-plane key                 value
 ``<session_id>-payload``       urlsafe base64 of the JSON submission object
 ``<task_id>-output``           standard base64 of the worker's response text
 ``<task_id>-logs``             a task's captured logs, UTF-8 (this package's extension)
+``<share_id>-shared``          an object shared by reference: its signed pickle (extension)
 =============================  ===================================================
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "output_key",
     "payload_key",
     "logs_key",
+    "shared_key",
     "encode_task",
     "decode_task",
     "encode_output",
@@ -108,6 +110,11 @@ def payload_key(session_id: str) -> str:
 def logs_key(task_id: str) -> str:
     """Where the executor keeps a task's captured logs after deleting its session's data."""
     return f"{task_id}-logs"
+
+
+def shared_key(share_id: str) -> str:
+    """Where ``HTCGridExecutor.share`` stores an object that tasks load by reference."""
+    return f"{share_id}-shared"
 
 
 def encode_task(task: Any) -> bytes:

@@ -41,6 +41,7 @@ import functools
 import io
 import json
 import logging
+import os
 import pickle
 import sys
 import threading
@@ -62,7 +63,7 @@ from .payload import (
     signing_key_from_env,
     verify_bytes,
 )
-from .wire import encoded_size
+from .wire import encoded_size, shared_key
 
 __all__ = [
     "TASK_MARKER",
@@ -80,6 +81,7 @@ __all__ = [
     "decode_output",
     "decode_output_and_logs",
     "log_note",
+    "SHARED_CONTEXT_PREFIX",
 ]
 
 #: key (and format version as its value) that marks a task or an output envelope as ours
@@ -364,6 +366,46 @@ class _Captured:
             except Exception:  # noqa: BLE001 - a stream the user's code closed
                 pass
         sys.stdout, sys.stderr, logging.lastResort, _capture = self._saved
+
+
+#: what a shared object's pickle is signed for: this prefix and its share id (so that a blob
+#: signed for one share, or for a task, is refused as another)
+SHARED_CONTEXT_PREFIX = "share:"
+_SHARED_LIMIT = 4  # shared objects kept per worker process, least recently used evicted
+_shared: OrderedDict[str, Any] = OrderedDict()
+_shared_lock = threading.RLock()  # re-entrant: a shared object may hold another handle
+
+
+def _shared_object(share_id: str, location: dict[str, Any]) -> Any:
+    """What a ``SharedHandle`` unpickles to in a worker: the shared object, read from the data
+    plane and unpickled once per process, then served from a small cache (a map of many tasks
+    over one object moves it once per worker process). ``location`` ``{"store": "GRID"}``: the
+    data plane of the local grid this runner's agent serves; else as ``worker_guard.guard_location``.
+    Raises PayloadError when the object is gone (released, or its executor shut down) or not
+    signed with the grid secret."""
+    with _shared_lock:  # threads of one task that unpickle the same handle load it once
+        if share_id in _shared:
+            _shared.move_to_end(share_id)
+            return _shared[share_id]
+        key = signing_key_from_env()
+        if key is None:
+            raise PayloadError(f"{PAYLOAD_KEY_ENV} is not set in the worker's environment")
+        from .worker_guard import read_data_plane_key  # lazy: it needs redis or boto3
+
+        if location.get("store") == "GRID":
+            from .grid.agent import AGENT_CONFIG_ENV  # the runner's agent: its Redis is the data plane
+
+            location = {"store": "REDIS", "redis_url": json.loads(os.environ[AGENT_CONFIG_ENV])["redis_url"]}
+        data = read_data_plane_key(location, shared_key(share_id))
+        if data is None:
+            raise PayloadError(f"shared object {share_id} is not in the data plane (released, or its "
+                               "executor shut down, before this task started)")
+        value = loads_signed(data.decode(), key, SHARED_CONTEXT_PREFIX + share_id)
+        del data
+        _shared[share_id] = value
+        if len(_shared) > _SHARED_LIMIT:
+            _shared.popitem(last=False)
+        return value
 
 
 def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:

@@ -173,12 +173,14 @@ def test_executor_surface():
     from htcgrid_executor import HTCGridExecutor
     from htcgrid_executor import executor as module
 
-    assert module.__all__ == ["HTCGridExecutor", "ExecutorView"]
+    assert module.__all__ == ["HTCGridExecutor", "ExecutorView", "SharedHandle"]
     assert issubclass(HTCGridExecutor, concurrent.futures.Executor)
     assert public_members(HTCGridExecutor) == {
         "submit", "map", "shutdown",  # concurrent.futures.Executor
-        "submit_task", "kill_running", "sessions", "attach", "options",
+        "submit_task", "kill_running", "sessions", "attach", "options", "share",
     }
+    assert parameters(HTCGridExecutor.share) == ["self", "obj"]
+    assert public_members(module.SharedHandle) == {"share_id", "released", "release"}
     assert parameters(HTCGridExecutor.options) == ["self", "priority=", "task_timeout_sec=", "retry_count="]
     # a view of per-call options: a plain Executor, plus its options
     assert issubclass(module.ExecutorView, concurrent.futures.Executor)
