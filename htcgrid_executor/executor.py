@@ -612,6 +612,8 @@ class ExecutorView(Executor):
     """
 
     def __init__(self, parent: HTCGridExecutor, options: TaskOptions) -> None:
+        if parent._core.deployment:  # what a deployment cannot keep, said as for the executor's own
+            _sessions._warn_once_about_deployment(False, options.retry_count)
         self._parent = parent
         self._tracker = _Tracker()
         self._closed = False
