@@ -642,12 +642,14 @@ class ExecutorView(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new work through this view (the parent goes on); ``cancel_futures`` cancels the
-        view's calls not yet started; ``wait`` blocks until all its calls are done. Repeatable."""
+        view's calls not yet started; ``wait`` blocks until all its calls are done (except when
+        called from a done callback, which runs in the executor's poller: it cannot wait there,
+        and does not, as the executor's own shutdown). Repeatable."""
         self._closed = True
         if cancel_futures:
             for future in self._tracker.snapshot():
                 future.cancel()
-        if wait:
+        if wait and threading.current_thread() not in self._parent._core.threads:
             concurrent.futures.wait(self._tracker.snapshot())
 
     def __repr__(self) -> str:

@@ -90,6 +90,15 @@ def test_library_code_takes_a_view_as_an_executor_and_its_shutdown_spares_the_pa
     assert list(grid_executor.options(retry_count=0).map(square, [3])) == [9]
 
 
+def test_a_view_shut_down_from_a_done_callback_does_not_deadlock(grid_executor):
+    view = grid_executor.options(priority=1)
+    done = []
+    first = view.submit(square, 2)
+    second = view.submit(sleep_return, 0.5, "later")
+    first.add_done_callback(lambda _: (view.shutdown(wait=True), done.append(True)))
+    assert second.result(timeout=T) == "later" and done == [True]
+
+
 def test_calls_with_different_options_sent_together_get_one_session_per_options(grid):
     with HTCGridExecutor(config=grid.client_config, batch_window=0.2) as executor:
         other = executor.options(priority=7, retry_count=1, task_timeout_sec=30)
