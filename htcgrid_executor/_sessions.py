@@ -34,8 +34,9 @@ from .errors import (
     PayloadError,
     TaskFailedError,
 )
-from .wire import decode_task, input_key, new_session_id, task_ids_for
-from .worker import decode_output, is_executor_task, task_binding
+from .options import TaskOptions
+from .wire import decode_task, input_key, new_session_id, shared_key, task_ids_for
+from .worker import decode_output_and_logs, is_executor_task, log_note, task_binding
 from .worker_guard import GUARD_FIELD, guard_location, seal_guard
 
 __all__: list[str] = []  # private module
@@ -99,10 +100,13 @@ class _Call:
     ``set_running_or_notify_cancel()`` for the future, which must happen exactly once.
     """
 
-    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding", "size")
+    __slots__ = ("future", "task", "task_id", "claimed", "done", "raw", "core", "binding", "size", "options")
 
-    def __init__(self, core: _Core, task: dict[str, Any], raw: bool, size: int = 0) -> None:
+    def __init__(self, core: _Core, task: dict[str, Any], raw: bool, size: int = 0,
+                 options: TaskOptions | None = None) -> None:
         self.future: Future[Any] = Future()
+        # the grid options it is sent with: calls with equal options go in one session
+        self.options = core.options if options is None else options
         self.size = size  # bytes its task takes in the data plane: batches are capped by it
         self.task: dict[str, Any] | None = task  # dropped once sent
         # what its output must be signed for: an output copied from another task is refused
@@ -142,9 +146,7 @@ class _Core:
         owns_connector: bool,
         grid: Any,
         signing_key: str | None,
-        priority: int,
-        task_timeout_sec: float | None,
-        retry_count: int | None,
+        options: TaskOptions,
         batch_size: int,
         batch_window: float,
         broken_after_sec: float,
@@ -154,9 +156,7 @@ class _Core:
         self.owns_connector = owns_connector
         self.grid = grid  # an embedded LocalGrid this core stops when done, or None
         self.key = signing_key
-        self.priority = priority
-        self.task_timeout_sec = task_timeout_sec
-        self.retry_count = retry_count
+        self.options = options  # the executor's own; a view's calls carry theirs
         self.batch_size = batch_size
         self.batch_window = batch_window
         self.broken_after_sec = broken_after_sec
@@ -172,7 +172,7 @@ class _Core:
                 and getattr(connector, "config", None) is not None:
             self.guard = guard_location(connector.config)
         if self.deployment:
-            _warn_once_about_deployment(self.guard is None, retry_count)
+            _warn_once_about_deployment(self.guard is None, options.retry_count)
         self.guard_lease_sec = float(client_config.get("htcgrid_worker_guard_lease_sec", _GUARD_LEASE_SEC))
         self.call_sec: float | None = None  # measured seconds per call (deployment), for map's chunks
 
@@ -188,6 +188,9 @@ class _Core:
         self.cancel_marks: list[str] = []  # task ids to mark cancelled in the data plane (deployment)
         self.session_cancels: list[str] = []  # session ids to cancel on the grid
         self.cleanups: list[dict[str, Any]] = []  # collected sessions whose data to delete
+        # task id -> its captured logs, to keep in the data plane past the session's deletion
+        self.log_copies: dict[str, str] = {}
+        self.shares: set[str] = set()  # ids of objects shared (executor.share) and not released
         self.shutdown = False
         self.broken: BaseException | None = None
         self.poller_done = False
@@ -397,11 +400,16 @@ class _Core:
                 call.future.set_running_or_notify_cancel()
             except RuntimeError:
                 pass  # resolved meanwhile by the broken path
+        logs_of: dict[str, str] = {}
         for call, need_claim, kind, value in ends:
             if kind == "finished" and self.deployment:
                 self._measure(value)
             if kind == "finished":
-                ok, result = decode_output(value, self.key, raw=call.raw, binding=call.binding)
+                ok, result, logs = decode_output_and_logs(value, self.key, raw=call.raw, binding=call.binding)
+                if logs and call.task_id is not None:
+                    logs_of[call.task_id] = logs
+                    if not ok:
+                        log_note(result, logs, call.task_id)
                 self._settle(call, need_claim, ok, result)
             elif kind == "failed":
                 self._settle(call, need_claim, False, TaskFailedError(str(value), call.task_id))
@@ -410,6 +418,10 @@ class _Core:
                 # Future cannot become cancelled, so it raises CancelledError instead
                 exc = CancelledError(f"task {call.task_id} was cancelled on the grid while running")
                 self._settle(call, False, False, exc)
+        if logs_of:
+            with self.lock:
+                self.log_copies.update(logs_of)
+                self.cond.notify()
         return bool(starts or ends)
 
     def _measure(self, output: str) -> None:
@@ -419,19 +431,20 @@ class _Core:
             sample = float(found.group(1))
             self.call_sec = sample if self.call_sec is None else 0.8 * self.call_sec + 0.2 * sample
 
-    def auto_chunksize(self, items: int | None, workers: int | None) -> int:
+    def auto_chunksize(self, items: int | None, workers: int | None, options: TaskOptions | None = None) -> int:
         """map's chunk size when the user gives none: 1 on a grid of this package. On a
         deployment, whose per-task overhead is of the order of a second, tasks of about
         :data:`_CHUNK_TARGET_SEC` of calls at the time per call the handler measured (so
         ``items`` calls that take less than that in all go as one task); before any measurement,
         two tasks per worker of ``workers`` (default 4). ``items`` None (``buffersize``): chunks of
-        the measured target, else 1."""
+        the measured target, else 1. ``options``: those of the map (its time limit caps a chunk)."""
         if not self.deployment:
             return 1
         call_sec = self.call_sec
         target = _CHUNK_TARGET_SEC
-        if self.task_timeout_sec is not None:
-            target = min(target, self.task_timeout_sec / 4)  # a chunk is one task: well within its limit
+        timeout = (options or self.options).task_timeout_sec
+        if timeout is not None:
+            target = min(target, timeout / 4)  # a chunk is one task: well within its limit
         if items is None:
             return max(1, min(int(target / call_sec), _MAX_AUTO_CHUNK)) if call_sec else 1
         if not call_sec:
@@ -491,7 +504,8 @@ class _Core:
             with self.cond:
                 while True:
                     closing = self.closing()
-                    work = bool(self.cancels or self.cancel_marks or self.session_cancels or self.cleanups)
+                    work = bool(self.cancels or self.cancel_marks or self.session_cancels or self.cleanups
+                                or self.log_copies)
                     if self.buffer:
                         age = time.monotonic() - self.buffer_since
                         if closing or len(self.buffer) >= self.batch_size or age >= self.batch_window:
@@ -504,12 +518,17 @@ class _Core:
                     if closing and not self.buffer and self.poller_done:
                         return
                     self.cond.wait(min(wait, _IDLE_TICK))
-                batch, session, tasks_list = self._take_batch()
+                sends = self._take_batch()
                 cancels, self.cancels = self.cancels, []
                 cancel_marks, self.cancel_marks = self.cancel_marks, []
                 session_cancels, self.session_cancels = self.session_cancels, []
                 cleanups, self.cleanups = self.cleanups, []
-            if session is not None:
+                log_copies, self.log_copies = self.log_copies, {}
+            if log_copies and hasattr(self.connector, "keep_task_logs"):
+                # their own keys, which the session's deletion leaves (they expire with the
+                # grid's retention): `htcgrid-executor logs TASK_ID` reads them later
+                self._best_effort("keep_task_logs", self.connector.keep_task_logs, log_copies)
+            for batch, session, tasks_list in sends:
                 self._send(batch, session, tasks_list)
             if cancel_marks and self.guard is not None:
                 # one batched write, before any session cancel or clean-up of the same tasks
@@ -532,23 +551,26 @@ class _Core:
     def _delete_guarded(self, response: dict[str, Any]) -> None:
         self.connector.delete_session_data(response, guarded=True)
 
-    def _take_batch(self) -> tuple[list[_Call], _Session | None, list[dict[str, Any]]]:
-        """Move up to batch_size calls into a new registered session; lock held."""
-        batch: list[_Call] = []
+    def _take_batch(self) -> list[tuple[list[_Call], _Session, list[dict[str, Any]]]]:
+        """Move up to batch_size calls into new registered sessions, one per distinct options
+        (the wire carries options per session), in the order their first call came; lock held."""
+        groups: dict[TaskOptions, list[_Call]] = {}
         buffer = self.buffer
-        size = 0
+        size = taken = 0
         # and at most _BATCH_BYTES of inputs (one call at least): one write of several large
         # tasks would pass Redis's 1 GiB limit on a client's query and drop the connection
-        while buffer and len(batch) < self.batch_size and (not batch or size + buffer[0].size <= _BATCH_BYTES):
+        while buffer and taken < self.batch_size and (not taken or size + buffer[0].size <= _BATCH_BYTES):
             call = buffer.popleft()
             if not call.claimed:  # claimed while unsent means cancelled: never send it
-                batch.append(call)
+                groups.setdefault(call.options, []).append(call)
+                taken += 1
                 size += call.size
         if buffer:
             self.buffer_since = time.monotonic()
         self.fn_cache = {}  # a function is pickled once per batch
-        if not batch:
-            return batch, None, []
+        return [self._register(options, batch) for options, batch in groups.items()]
+
+    def _register(self, options: TaskOptions, batch: list[_Call]) -> tuple[list[_Call], _Session, list[dict[str, Any]]]:
         sid = new_session_id()
         task_ids = task_ids_for(sid, len(batch))
         tasks_list = []
@@ -559,9 +581,9 @@ class _Core:
             task = call.task
             if guard is not None and key is not None and not call.raw:
                 # the task id and the limits travel in the task: upstream's agent gives the
-                # worker the task dict alone
-                task[GUARD_FIELD] = seal_guard(guard, tid, key, task_timeout_sec=self.task_timeout_sec,
-                                               retry_count=self.retry_count, lease_sec=self.guard_lease_sec)
+                # worker the task dict alone (and so each task's guard keeps its call's options)
+                task[GUARD_FIELD] = seal_guard(guard, tid, key, task_timeout_sec=options.task_timeout_sec,
+                                               retry_count=options.retry_count, lease_sec=self.guard_lease_sec)
             tasks_list.append(task)
             call.task = None
         # registered before it is sent: the listener may report a task before send() returns
@@ -577,10 +599,8 @@ class _Core:
         while True:
             attempt_started = time.monotonic()
             try:
-                response = self.connector.send(
-                    tasks_list, priority=self.priority, session_id=sid, listener=self.listener,
-                    task_timeout_sec=self.task_timeout_sec, retry_count=self.retry_count,
-                )
+                response = self.connector.send(tasks_list, session_id=sid, listener=self.listener,
+                                               options=batch[0].options)
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below: retry, or fail the batch
                 if not _retryable(exc) or self.broken is not None:
@@ -637,9 +657,22 @@ class _Core:
                     return
                 time.sleep(0.1 * (attempt + 1))
 
+    def release_shares(self, share_ids: list[str]) -> None:
+        """Delete shared objects from the data plane (the caller's thread; raises its errors)."""
+        with self.lock:
+            ids = [sid for sid in share_ids if sid in self.shares]
+            self.shares.difference_update(ids)
+        if ids:
+            self.connector.store.delete_many([shared_key(sid) for sid in ids])
+
     def _close(self) -> None:
         with _live_lock:
             _live_cores.discard(self)
+        if self.shares:  # the work is done: what it shared goes
+            try:
+                self.release_shares(list(self.shares))
+            except Exception as exc:  # noqa: BLE001 - closing must not raise in a thread
+                logger.debug("shared objects not deleted: %s", exc)
         if self.owns_connector:
             try:
                 self.connector.close()

@@ -15,10 +15,12 @@ weak reference (see ``_sessions.py``).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import json
 import os
 import secrets
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -36,16 +38,26 @@ from .errors import (
     PayloadError,
     StorageError,
 )
+from .options import DEFAULT_RETRY_COUNT, TaskOptions
 from .payload import dumps_signed
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size
-from .worker import check_task_size, make_task, pickle_args, pickle_chunk, pickle_function
+from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size, new_session_id, shared_key
+from .worker import (
+    SHARED_CONTEXT_PREFIX,
+    _shared_object,
+    check_task_size,
+    make_task,
+    pickle_args,
+    pickle_chunk,
+    pickle_function,
+)
+from .worker_guard import guard_location
 
-__all__ = ["HTCGridExecutor"]
+__all__ = ["HTCGridExecutor", "ExecutorView", "SharedHandle"]
 
 T = TypeVar("T")
 
 _ENQUEUE_GROUP = 256  # map: calls handed to the sender per lock acquisition
-DEFAULT_RETRY_COUNT = 2  # retries of a task whose worker was lost (see the class docstring)
+_UNSET: Any = object()  # options(): an option not given keeps the executor's
 
 
 class HTCGridExecutor(Executor):
@@ -76,7 +88,10 @@ class HTCGridExecutor(Executor):
     often the grid retries a task whose worker was lost before failing it with
     ``TaskFailedError``: by default 2, so a call that crashes its worker every time runs 3 times
     (a lost machine is a grid's everyday fault, a call that kills its process is a bug; a
-    process pool breaks at the first); None: the grid's own default (5 on a LocalGrid).
+    process pool breaks at the first); None: the grid's own default (5 on a LocalGrid). They
+    are checked here (``TypeError``/``ValueError`` naming the option, see
+    :class:`~htcgrid_executor.options.TaskOptions`); :meth:`options` gives a view of this
+    executor whose calls get other values.
 
     Batching: calls are pickled in the caller and sent by a background thread, up to
     ``batch_size`` calls per ``send`` (one grid session). The sender sends as soon as it is free;
@@ -148,6 +163,7 @@ class HTCGridExecutor(Executor):
             raise ValueError("batch_window must be >= 0")
         if connector is not None and config is not None:
             raise ValueError("pass connector= or config=, not both")
+        options = TaskOptions(priority=priority, task_timeout_sec=task_timeout_sec, retry_count=retry_count)
         del mp_context  # accepted for drop-in compatibility: a grid starts no local process
         self._max_workers = max_workers
         # the tasks of this executor share their script's globals in each runner (see worker._Scope)
@@ -190,8 +206,7 @@ class HTCGridExecutor(Executor):
                     raise PayloadError(f"cannot pickle the initializer or its initargs: {exc.__cause__}") from exc
             self._core = _Core(
                 self, connector, owns_connector=owns_connector, grid=grid, signing_key=key,
-                priority=priority, task_timeout_sec=task_timeout_sec, retry_count=retry_count,
-                batch_size=batch_size,
+                options=options, batch_size=batch_size,
                 batch_window=batch_window, broken_after_sec=broken_after_sec,
             )
         except BaseException:
@@ -213,6 +228,10 @@ class HTCGridExecutor(Executor):
         The Future's result is the call's return value; its exception is the one the call raised,
         of the same type, with the remote traceback as ``__cause__``.
         """
+        return self._submit(self._core.options, fn, args, kwargs)
+
+    def _submit(self, options: TaskOptions, fn: Callable[..., T], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Future[T]:
         self._check_open()
         core = self._core
         key = self._key()
@@ -226,7 +245,7 @@ class HTCGridExecutor(Executor):
         task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob,
                          scope=self._scope, limit=self._max_payload)
         size = check_task_size(task, self._max_payload, fn)
-        return self._enqueue([_Call(core, task, raw=False, size=size)])[0]
+        return self._enqueue([_Call(core, task, raw=False, size=size, options=options)])[0]
 
     def submit_task(self, task: dict[str, Any]) -> Future[Any]:
         """Send a plain HTC-Grid task dict, as it is, to the grid's worker function.
@@ -268,6 +287,11 @@ class HTCGridExecutor(Executor):
         call where its result would be; either way, and when it is closed early, the tasks not yet
         started are cancelled. ``fn`` is pickled once for the whole map.
         """
+        return self._map(self._core.options, None, fn, iterables, timeout, chunksize, buffersize)
+
+    def _map(self, options: TaskOptions, tracker: _Tracker | None, fn: Callable[..., T],
+             iterables: tuple[Iterable[Any], ...], timeout: float | None, chunksize: int | None,
+             buffersize: int | None) -> Iterator[T]:
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and not isinstance(buffersize, int):
@@ -282,10 +306,10 @@ class HTCGridExecutor(Executor):
         if chunksize is None:
             if self._core.deployment and buffersize is None:
                 everything = list(items)  # submitted at once anyway: its length sizes the chunks
-                chunksize = self._core.auto_chunksize(len(everything), self._max_workers)
+                chunksize = self._core.auto_chunksize(len(everything), self._max_workers, options)
                 items = iter(everything)
             else:
-                chunksize = self._core.auto_chunksize(None, self._max_workers)
+                chunksize = self._core.auto_chunksize(None, self._max_workers, options)
         chunks = _batched(items, chunksize)
 
         def make_call(executor: HTCGridExecutor, chunk: list[tuple[Any, ...]]) -> _Call:
@@ -295,7 +319,13 @@ class HTCGridExecutor(Executor):
             if executor._core.deployment:
                 task["calls"] = len(chunk)  # the guard reports the time per call
             size = check_task_size(task, executor._max_payload, fn)
-            return _Call(executor._core, task, raw=False, size=size)
+            return _Call(executor._core, task, raw=False, size=size, options=options)
+
+        def enqueue(executor: HTCGridExecutor, calls: list[_Call]) -> list[Future[list[T]]]:
+            futures = executor._enqueue(calls)
+            if tracker is not None:
+                tracker.add(futures)
+            return futures
 
         fs: collections.deque[Future[list[T]]] = collections.deque()
         try:
@@ -304,10 +334,10 @@ class HTCGridExecutor(Executor):
             for chunk in source:
                 group.append(make_call(self, chunk))
                 if len(group) >= _ENQUEUE_GROUP:
-                    fs.extend(self._enqueue(group))
+                    fs.extend(enqueue(self, group))
                     group = []
             if group:
-                fs.extend(self._enqueue(group))
+                fs.extend(enqueue(self, group))
         except BaseException:
             for future in fs:  # do not leave half a map running unseen
                 future.cancel()
@@ -323,7 +353,7 @@ class HTCGridExecutor(Executor):
             chunk = next(chunks, None)
             if chunk is None:
                 return None
-            return executor._enqueue([make_call(executor, chunk)])[0]
+            return enqueue(executor, [make_call(executor, chunk)])[0]
 
         def result_iterator() -> Iterator[T]:
             try:
@@ -345,6 +375,56 @@ class HTCGridExecutor(Executor):
                     future.cancel()
 
         return result_iterator()
+
+    def options(self, *, priority: int = _UNSET, task_timeout_sec: float | None = _UNSET,
+                retry_count: int | None = _UNSET) -> ExecutorView:
+        """A view of this executor whose ``submit`` and ``map`` send calls with these grid options
+        (an option not given keeps this executor's; ``None`` for ``task_timeout_sec`` or
+        ``retry_count`` means the grid's default, as in the constructor).
+
+        The view shares everything else: this executor's threads, grid, connector and sessions,
+        and its batching: calls of views with other options sent at the same time go in the same
+        ``send`` round, as one session per distinct options (the wire carries options per
+        session). It is a plain ``concurrent.futures.Executor`` to code that takes one. Cheap: make
+        one per call site if you like. Raises ``TypeError``/``ValueError`` naming a bad option.
+        """
+        changes = {name: value for name, value in (("priority", priority), ("task_timeout_sec", task_timeout_sec),
+                                                    ("retry_count", retry_count)) if value is not _UNSET}
+        return ExecutorView(self, self._core.options.replace(**changes))
+
+    def share(self, obj: Any) -> SharedHandle:
+        """Store ``obj`` once in the grid's data plane; return a handle that tasks use instead.
+
+        Pass the handle as an argument (or close over it) and, in each grid worker process, it
+        unpickles to ``obj`` itself: read from the data plane and unpickled the first time, then
+        taken from the process's cache (its last 4 shared objects), so a ``map`` of many tasks
+        over one large object moves it once per worker process, not once per task. ``obj`` is
+        pickled here and signed with the grid secret (workers refuse it otherwise).
+
+        Freed (deleted from the data plane) by ``handle.release()`` (or leaving ``with handle:``)
+        and by this executor's shutdown, once its work is done. A task that starts after the
+        release fails with ``PayloadError`` (unless its worker process still has the object
+        cached), so release a handle when the calls using it are done. Worker processes drop
+        their copy as newer shared objects push it out. Raises
+        ``PayloadError`` if ``obj`` cannot be pickled or is over ``max_payload_bytes``,
+        ``RuntimeError`` after shutdown, and the data plane's errors.
+        """
+        self._check_open()
+        key = self._key()
+        share_id = new_session_id()
+        try:
+            blob = dumps_signed(obj, key, SHARED_CONTEXT_PREFIX + share_id)
+        except PayloadError as exc:
+            raise PayloadError(f"cannot pickle the shared object: {exc.__cause__}") from exc.__cause__
+        if len(blob) > self._max_payload:
+            raise PayloadError(f"the shared object is too large for the grid: {len(blob):,} bytes in the data "
+                               f"plane, over the limit of {self._max_payload:,} bytes (max_payload_bytes)")
+        core = self._core
+        location = guard_location(core.connector.config) if core.deployment else {"store": "GRID"}
+        core.connector.store.put_many({shared_key(share_id): blob.encode()})
+        with core.lock:
+            core.shares.add(share_id)
+        return SharedHandle(core, share_id, location)
 
     # ---- stopping -------------------------------------------------------------------------------
 
@@ -449,6 +529,135 @@ class HTCGridExecutor(Executor):
         if key is None:
             raise ConfigurationError(_NO_KEY)
         return key
+
+
+class SharedHandle:
+    """An object stored once in the grid's data plane by :meth:`HTCGridExecutor.share`.
+
+    In a task (an argument, or a global or closure of its function) it unpickles to the shared
+    object, loaded once per worker process. ``release()`` deletes it from the data plane (also
+    on leaving ``with handle:``); repeatable. A released handle can no longer be sent
+    (``PayloadError`` at ``submit``/``map``).
+    """
+
+    __slots__ = ("share_id", "_location", "_core", "_released", "__weakref__")
+
+    def __init__(self, core: _Core, share_id: str, location: dict[str, Any]) -> None:
+        self.share_id = share_id
+        self._location = location
+        self._core = core
+        self._released = False
+
+    def __reduce__(self) -> tuple[Any, tuple[str, dict[str, Any]]]:
+        if self._released:
+            raise ValueError(f"shared object {self.share_id} was released")
+        return _shared_object, (self.share_id, self._location)
+
+    @property
+    def released(self) -> bool:
+        """True once the object was deleted from the data plane (release, or shutdown)."""
+        return self._released or self.share_id not in self._core.shares
+
+    def release(self) -> None:
+        """Delete the object from the data plane now. Raises the data plane's errors."""
+        if self._released:
+            return
+        self._released = True
+        self._core.release_shares([self.share_id])
+
+    def __enter__(self) -> SharedHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<SharedHandle {self.share_id}{' (released)' if self.released else ''}>"
+
+
+class _Tracker:
+    """The futures a view handed out that are not done yet: what its ``shutdown`` waits for or
+    cancels. Holds no reference to the executor (a map's iterator keeps one)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: set[Future[Any]] = set()
+
+    def add(self, futures: list[Future[Any]]) -> None:
+        with self.lock:
+            self.pending.update(futures)
+        for future in futures:  # outside the lock: a done future calls back at once
+            future.add_done_callback(self._discard)
+
+    def _discard(self, future: Future[Any]) -> None:
+        with self.lock:
+            self.pending.discard(future)
+
+    def snapshot(self) -> list[Future[Any]]:
+        with self.lock:
+            return list(self.pending)
+
+
+class ExecutorView(Executor):
+    """What :meth:`HTCGridExecutor.options` returns: an ``Executor`` whose ``submit`` and ``map``
+    run on its parent executor with other grid options (:attr:`task_options`).
+
+    A view owns nothing: its ``shutdown()`` (and leaving ``with view:``) never shuts the parent
+    down. It stops the view taking new work (``RuntimeError`` then, as after any shutdown),
+    with ``cancel_futures`` cancels the view's calls that have not started, and with ``wait``
+    (the default) waits until every call made through the view is done, as a pool would. The
+    parent's shutdown ends the view's work as it ends its own; the view then refuses new work
+    too. Calls through a view count as the parent's everywhere else (``sessions()``,
+    ``kill_running()``, ``shutdown(cancel_futures=True)``).
+    """
+
+    def __init__(self, parent: HTCGridExecutor, options: TaskOptions) -> None:
+        if parent._core.deployment:  # what a deployment cannot keep, said as for the executor's own
+            _sessions._warn_once_about_deployment(False, options.retry_count)
+        self._parent = parent
+        self._tracker = _Tracker()
+        self._closed = False
+        #: the options this view's calls are sent with
+        self.task_options = options
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """As :meth:`HTCGridExecutor.submit`, with this view's options."""
+        self._check_open()
+        future = self._parent._submit(self.task_options, fn, args, kwargs)
+        self._tracker.add([future])
+        return future
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int | None = None, buffersize: int | None = None) -> Iterator[T]:
+        """As :meth:`HTCGridExecutor.map`, with this view's options."""
+        self._check_open()
+        return self._parent._map(self.task_options, self._tracker, fn, iterables, timeout, chunksize, buffersize)
+
+    def options(self, *, priority: int = _UNSET, task_timeout_sec: float | None = _UNSET,
+                retry_count: int | None = _UNSET) -> ExecutorView:
+        """Another view of the same executor: this view's options with these changed."""
+        changes = {name: value for name, value in (("priority", priority), ("task_timeout_sec", task_timeout_sec),
+                                                    ("retry_count", retry_count)) if value is not _UNSET}
+        return ExecutorView(self._parent, self.task_options.replace(**changes))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new work through this view (the parent goes on); ``cancel_futures`` cancels the
+        view's calls not yet started; ``wait`` blocks until all its calls are done (except when
+        called from a done callback, which runs in the executor's poller: it cannot wait there,
+        and does not, as the executor's own shutdown). Repeatable."""
+        self._closed = True
+        if cancel_futures:
+            for future in self._tracker.snapshot():
+                future.cancel()
+        if wait and threading.current_thread() not in self._parent._core.threads:
+            concurrent.futures.wait(self._tracker.snapshot())
+
+    def __repr__(self) -> str:
+        return f"<ExecutorView of {self._parent!r} with {self.task_options}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after this view's shutdown")
 
 
 _NO_KEY = (

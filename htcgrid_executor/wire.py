@@ -10,6 +10,8 @@ data-plane key                 value
 ``<task_id>-input``            standard base64 of ``json.dumps(task_dict)``
 ``<session_id>-payload``       urlsafe base64 of the JSON submission object
 ``<task_id>-output``           standard base64 of the worker's response text
+``<task_id>-logs``             a task's captured logs, UTF-8 (this package's extension)
+``<share_id>-shared``          an object shared by reference: its signed pickle (extension)
 =============================  ===================================================
 """
 
@@ -34,6 +36,8 @@ __all__ = [
     "input_key",
     "output_key",
     "payload_key",
+    "logs_key",
+    "shared_key",
     "encode_task",
     "decode_task",
     "encode_output",
@@ -101,6 +105,16 @@ def output_key(task_id: str) -> str:
 
 def payload_key(session_id: str) -> str:
     return f"{session_id}-payload"
+
+
+def logs_key(task_id: str) -> str:
+    """Where the executor keeps a task's captured logs after deleting its session's data."""
+    return f"{task_id}-logs"
+
+
+def shared_key(share_id: str) -> str:
+    """Where ``HTCGridExecutor.share`` stores an object that tasks load by reference."""
+    return f"{share_id}-shared"
 
 
 def encode_task(task: Any) -> bytes:

@@ -17,6 +17,10 @@ anything is unpickled::
      "scope": "<the executor's id>",                # optional: see _Scope; "fn" is signed for it
      "limit": 524288000}                            # optional: the most bytes the output may take
 
+What the task writes to ``sys.stdout`` and ``sys.stderr`` while it runs (its logging records
+too, see :class:`_LogCapture`) is captured, its last :data:`LOG_LIMIT_CHARS` characters, and
+travels in the envelope's ``"logs"`` (absent when empty); the streams still get every write.
+
 The handler never raises for a problem of the task: it answers with an envelope, one of::
 
     {"htcgrid_executor": 1, "ok": true, "result": "<signed pickle>"}   # map: the list of results
@@ -36,7 +40,11 @@ import builtins
 import functools
 import io
 import json
+import logging
+import os
 import pickle
+import sys
+import threading
 import traceback
 import types
 from collections import OrderedDict
@@ -55,10 +63,11 @@ from .payload import (
     signing_key_from_env,
     verify_bytes,
 )
-from .wire import encoded_size
+from .wire import encoded_size, shared_key
 
 __all__ = [
     "TASK_MARKER",
+    "LOG_LIMIT_CHARS",
     "lambda_handler",
     "pickle_function",
     "pickle_args",
@@ -70,11 +79,17 @@ __all__ = [
     "is_executor_task",
     "task_binding",
     "decode_output",
+    "decode_output_and_logs",
+    "log_note",
+    "SHARED_CONTEXT_PREFIX",
 ]
 
 #: key (and format version as its value) that marks a task or an output envelope as ours
 TASK_MARKER = "htcgrid_executor"
 _VERSION = 1
+#: how much of a task's output (stdout, stderr, logging) its envelope keeps: the last 64 KiB
+LOG_LIMIT_CHARS = 64 * 1024
+_NOTE_LINES = 20  # a failed future's note: the last lines of its task's logs
 
 class _Scope:
     """What the tasks of one executor share in a runner process, as a ProcessPoolExecutor's
@@ -245,6 +260,154 @@ class _RemoteTraceback(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+class _LogCapture:
+    """The last :data:`LOG_LIMIT_CHARS` characters written while one task runs. Thread-safe
+    (threads the user's code starts write too)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parts: list[str] = []
+        self._size = 0
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._parts.append(text)
+            self._size += len(text)
+            if self._size > 2 * LOG_LIMIT_CHARS:  # compact now and then: bounded, and cheap per write
+                kept = "".join(self._parts)[-LOG_LIMIT_CHARS:]
+                self._parts, self._size = [kept], len(kept)
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self._parts)[-LOG_LIMIT_CHARS:]
+
+
+_capture: _LogCapture | None = None  # the running task's, if any (one task at a time per process)
+
+
+class _Tee:
+    """Stands in for ``sys.stdout``/``sys.stderr`` while a task runs: every write goes to the
+    real stream (the terminal on a local grid, the function's log on a deployment) and to the
+    running task's capture. One per stream and process, so that a logging handler the user's
+    code made meanwhile (which keeps the stream it was given) still writes through it later;
+    with no task running it only passes writes on. Writes at the file-descriptor level
+    (``os.write``, a subprocess's output) are not seen."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        capture = _capture
+        if capture is not None and isinstance(text, str):
+            capture.write(text)
+        return self._stream.write(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer, ...
+        return getattr(self._stream, name)
+
+
+_tees: dict[int, _Tee] = {}
+
+
+def _tee_for(stream: Any) -> Any:
+    if stream is None or isinstance(stream, _Tee):
+        return stream
+    tee = _tees.get(id(stream))
+    if tee is None or tee._stream is not stream:
+        tee = _tees[id(stream)] = _Tee(stream)
+    return tee
+
+
+class _LastResort(logging.Handler):
+    """Python's last-resort handler (records no handler took, WARNING and above, on
+    ``sys.stderr``), with the level and the logger's name: while a task runs it is
+    ``logging.lastResort``, so its records reach the captured stderr. Records the user's own
+    logging configuration handles reach the capture through the stream its handler writes to
+    (stderr by default); nothing about the configuration is changed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # as logging's own handlers: a failed log line must not fail the task
+            self.handleError(record)
+
+
+_LAST_RESORT = _LastResort()
+
+
+class _Captured:
+    """``with _Captured() as capture:`` tees stdout/stderr into ``capture`` and routes logging's
+    last resort there, restoring all three on exit."""
+
+    def __enter__(self) -> _LogCapture:
+        global _capture
+        self._saved = (sys.stdout, sys.stderr, logging.lastResort, _capture)
+        capture = _capture = _LogCapture()
+        sys.stdout, sys.stderr = _tee_for(sys.stdout), _tee_for(sys.stderr)
+        logging.lastResort = _LAST_RESORT
+        return capture
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _capture
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a stream the user's code closed
+                pass
+        sys.stdout, sys.stderr, logging.lastResort, _capture = self._saved
+
+
+#: what a shared object's pickle is signed for: this prefix and its share id (so that a blob
+#: signed for one share, or for a task, is refused as another)
+SHARED_CONTEXT_PREFIX = "share:"
+_SHARED_LIMIT = 4  # shared objects kept per worker process, least recently used evicted
+_shared: OrderedDict[str, Any] = OrderedDict()
+_shared_lock = threading.RLock()  # re-entrant: a shared object may hold another handle
+
+
+def _shared_object(share_id: str, location: dict[str, Any]) -> Any:
+    """What a ``SharedHandle`` unpickles to in a worker: the shared object, read from the data
+    plane and unpickled once per process, then served from a small cache (a map of many tasks
+    over one object moves it once per worker process). ``location`` ``{"store": "GRID"}``: the
+    data plane of the local grid this runner's agent serves; else as ``worker_guard.guard_location``.
+    Raises PayloadError when the object is gone (released, or its executor shut down) or not
+    signed with the grid secret."""
+    with _shared_lock:  # threads of one task that unpickle the same handle load it once
+        if share_id in _shared:
+            _shared.move_to_end(share_id)
+            return _shared[share_id]
+        key = signing_key_from_env()
+        if key is None:
+            raise PayloadError(f"{PAYLOAD_KEY_ENV} is not set in the worker's environment")
+        from .worker_guard import read_data_plane_key  # lazy: it needs redis or boto3
+
+        if location.get("store") == "GRID":
+            from .grid.agent import AGENT_CONFIG_ENV  # the runner's agent: its Redis is the data plane
+
+            location = {"store": "REDIS", "redis_url": json.loads(os.environ[AGENT_CONFIG_ENV])["redis_url"]}
+        data = read_data_plane_key(location, shared_key(share_id))
+        if data is None:
+            raise PayloadError(f"shared object {share_id} is not in the data plane (released, or its "
+                               "executor shut down, before this task started)")
+        value = loads_signed(data.decode(), key, SHARED_CONTEXT_PREFIX + share_id)
+        del data
+        _shared[share_id] = value
+        if len(_shared) > _SHARED_LIMIT:
+            _shared.popitem(last=False)
+        return value
+
+
 def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
     """Run one task of :class:`HTCGridExecutor` and return its outcome envelope (JSON-safe).
 
@@ -257,6 +420,19 @@ def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
         from .worker_guard import run_guarded  # lazy: it needs redis or boto3
 
         return run_guarded(event, lambda task: lambda_handler(task, context), _binding_or_empty(event))
+    with _Captured() as capture:
+        answer = _handle(event)
+    logs = capture.text()
+    if logs and answer.get(TASK_MARKER) == _VERSION:
+        limit = event.get("limit") if isinstance(event, dict) else None
+        answer["logs"] = logs
+        if isinstance(limit, int) and not isinstance(limit, bool) and output_size(answer) > limit:
+            del answer["logs"]  # the result just fits: it matters more than the logs
+    return answer
+
+
+def _handle(event: Any) -> dict[str, Any]:
+    """The task's envelope (the handler's work, minus the guard and the capture)."""
     try:
         if not is_executor_task(event):
             raise PayloadError(
@@ -503,6 +679,27 @@ def task_binding(task: dict[str, Any]) -> str:
 
 def decode_output(text: str, key: str | None, *, raw: bool = False,
                   binding: str | None = None) -> tuple[bool, Any]:
+    """:func:`decode_output_and_logs` without the logs."""
+    ok, value, _ = decode_output_and_logs(text, key, raw=raw, binding=binding)
+    return ok, value
+
+
+def log_note(exc: BaseException, logs: str, task_id: str | None = None) -> None:
+    """Attach the last lines of a task's ``logs`` to the exception its future raises: a note
+    (``add_note``, Python 3.11+), or on 3.10 a line appended to a text message (an exception
+    whose first argument is not text is left as it is)."""
+    lines = logs.rstrip("\n").splitlines()[-_NOTE_LINES:]
+    where = f"task {task_id}" if task_id else "the task"
+    more = f"; all of them: htcgrid-executor logs {task_id}" if task_id else ""
+    note = f"--- last {len(lines)} log lines of {where}{more} ---\n" + "\n".join(lines)
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
+
+
+def decode_output_and_logs(text: str, key: str | None, *, raw: bool = False,
+                           binding: str | None = None) -> tuple[bool, Any, str]:
     """Decode a task's output text: ``(True, value)`` or ``(False, exception to raise)``.
 
     Our envelopes give the result, or the task's exception with the remote traceback as its
@@ -513,6 +710,7 @@ def decode_output(text: str, key: str | None, *, raw: bool = False,
     else returned as text; without it, any other output is a PayloadError (the grid's worker
     function is not ``htcgrid_executor.worker.lambda_handler``). ``binding``: the task's
     :func:`task_binding`; an output made for another task then raises ``SignatureError``.
+    The third item is the task's captured logs (``""`` when there are none).
     """
     try:
         doc = json.loads(text)
@@ -522,19 +720,20 @@ def decode_output(text: str, key: str | None, *, raw: bool = False,
         is_json = True
     if is_json and isinstance(doc, dict):
         if doc.get(TASK_MARKER) == _VERSION and "ok" in doc:
-            return _decode_envelope(doc, key, binding)
+            logs = doc.get("logs")
+            return (*_decode_envelope(doc, key, binding), logs if isinstance(logs, str) else "")
         if "errorMessage" in doc and "errorType" in doc:
             stack = doc.get("stackTrace") or ""
             if isinstance(stack, list):
                 stack = "".join(str(line) for line in stack)
-            return False, RemoteError(str(doc["errorType"]), str(doc["errorMessage"]), str(stack))
+            return False, RemoteError(str(doc["errorType"]), str(doc["errorMessage"]), str(stack)), ""
     if raw:
-        return True, doc
+        return True, doc, ""
     shown = text if len(text) <= 200 else text[:200] + "..."
     return False, PayloadError(
         "the task's output is not an htcgrid_executor envelope (is the grid's worker function "
         f"htcgrid_executor.worker.lambda_handler?): {shown!r}"
-    )
+    ), ""
 
 
 def _decode_envelope(doc: dict[str, Any], key: str | None, binding: str | None) -> tuple[bool, Any]:

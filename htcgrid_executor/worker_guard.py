@@ -57,6 +57,7 @@ __all__ = [
     "guard_location",
     "seal_guard",
     "run_guarded",
+    "read_data_plane_key",
     "COLLECTED",
 ]
 
@@ -292,20 +293,54 @@ return 1
 """
 
 
+def _redis_client(url: str, needed_for: str = "the task guard") -> Any:
+    """A redis-py client of the data plane at ``url``, its password from the environment
+    (:data:`REDIS_PASSWORD_ENV`) unless the URL holds one."""
+    try:
+        import redis
+    except ImportError as exc:
+        raise ConfigurationError(f"{needed_for} needs redis-py in the worker (add 'redis' to "
+                                 "lambda.zip), or turn the guard off on the client") from exc
+    password = os.environ.get(REDIS_PASSWORD_ENV) or None
+    timeouts = {"socket_timeout": 10.0, "socket_connect_timeout": 10.0}
+    if "://" in url:
+        return redis.Redis.from_url(url, **({"password": password} if password else {}), **timeouts)
+    # a bare host name, as a deployment's config has it: ElastiCache, TLS on 6379
+    host, _, port = url.partition(":")
+    return redis.Redis(host=host, port=int(port or 6379), ssl=True, password=password, **timeouts)
+
+
+_readers: dict[str, Callable[[str], bytes | None]] = {}  # one connection per location and process
+
+
+def read_data_plane_key(location: dict[str, Any], key: str) -> bytes | None:
+    """Read one key of the data plane at ``location`` (:func:`guard_location`'s shape) from a
+    worker; None if it does not exist. The connection is kept for the process's next reads.
+    Raises ConfigurationError (no redis-py / boto3) and the store's own errors."""
+    where = json.dumps(location, sort_keys=True)
+    reader = _readers.get(where)
+    if reader is None:
+        if location.get("store") == "S3":
+            marks = _S3Marks(location)
+
+            def reader(name: str) -> bytes | None:
+                try:
+                    answer = marks._client.get_object(Bucket=marks._bucket, Key=name)
+                except Exception as exc:
+                    if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                        return None
+                    raise
+                with answer["Body"] as body:
+                    return body.read()
+        else:
+            reader = _redis_client(str(location["redis_url"]), "a shared object").get
+        _readers[where] = reader
+    return reader(key)
+
+
 class _RedisMarks:
     def __init__(self, url: str) -> None:
-        try:
-            import redis
-        except ImportError as exc:
-            raise ConfigurationError("the task guard needs redis-py in the worker (add 'redis' to "
-                                     "lambda.zip), or turn the guard off on the client") from exc
-        password = os.environ.get(REDIS_PASSWORD_ENV) or None
-        timeouts = {"socket_timeout": 10.0, "socket_connect_timeout": 10.0}
-        if "://" in url:
-            client = redis.Redis.from_url(url, **({"password": password} if password else {}), **timeouts)
-        else:  # a bare host name, as a deployment's config has it: ElastiCache, TLS on 6379
-            host, _, port = url.partition(":")
-            client = redis.Redis(host=host, port=int(port or 6379), ssl=True, password=password, **timeouts)
+        client = _redis_client(url)
         self._begin = client.register_script(_BEGIN)
         self._renew = client.register_script(_RENEW)
         self._finish = client.register_script(_FINISH)

@@ -46,6 +46,7 @@ PUBLIC_NAMES = {
 CONNECTOR_NAMES = {
     "AWSConnector",
     "ResultBatch",
+    "SessionStatus",
     "ClientConfig",
     "AGENT_CONFIG_FILE",
     "Auth",
@@ -174,12 +175,19 @@ def test_executor_surface():
     from htcgrid_executor import HTCGridExecutor
     from htcgrid_executor import executor as module
 
-    assert module.__all__ == ["HTCGridExecutor"]
+    assert module.__all__ == ["HTCGridExecutor", "ExecutorView", "SharedHandle"]
     assert issubclass(HTCGridExecutor, concurrent.futures.Executor)
     assert public_members(HTCGridExecutor) == {
         "submit", "map", "shutdown",  # concurrent.futures.Executor
-        "submit_task", "kill_running", "sessions", "attach",
+        "submit_task", "kill_running", "sessions", "attach", "options", "share",
     }
+    assert parameters(HTCGridExecutor.share) == ["self", "obj"]
+    assert public_members(module.SharedHandle) == {"share_id", "released", "release"}
+    assert parameters(HTCGridExecutor.options) == ["self", "priority=", "task_timeout_sec=", "retry_count="]
+    # a view of per-call options: a plain Executor, plus its options
+    assert issubclass(module.ExecutorView, concurrent.futures.Executor)
+    assert public_members(module.ExecutorView) == {"submit", "map", "shutdown", "options"}
+    assert parameters(module.ExecutorView.shutdown) == ["self", "wait", "cancel_futures="]
     assert parameters(HTCGridExecutor.__init__) == [
         "self", "max_workers", "connector=", "config=", "mp_context=", "initializer=", "initargs=",
         "max_tasks_per_child=", "priority=", "task_timeout_sec=", "retry_count=", "batch_size=",
@@ -216,7 +224,8 @@ def test_connector_keeps_the_seeds_api():
         "init", "from_config_file",
         # beyond the seed: polls, single-task cancel, cleanup, lifecycle
         "poll_session", "poll_listener", "new_listener_id", "forget_listener", "cancel_tasks",
-        "delete_session_data", "mark_cancelled", "close", "store", "transport",
+        "delete_session_data", "mark_cancelled", "close", "store", "transport", "session_status",
+        "keep_task_logs", "task_logs",
     }
     # the seed's parameter names, which its users pass as keywords
     assert parameters(AWSConnector.__init__) == ["self", "client_config_data", "username=", "password="]
@@ -227,7 +236,7 @@ def test_connector_keeps_the_seeds_api():
     assert parameters(AWSConnector.authenticate) == ["self"]
     assert parameters(AWSConnector.from_config_file) == ["path"]
     assert parameters(AWSConnector.send)[2:] == [
-        "priority=", "session_id=", "listener=", "task_timeout_sec=", "retry_count="]
+        "priority=", "session_id=", "listener=", "task_timeout_sec=", "retry_count=", "options="]
     assert hasattr(AWSConnector, "__enter__") and hasattr(AWSConnector, "__exit__")
 
 

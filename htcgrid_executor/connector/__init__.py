@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .auth import ApiKeyAuth, Auth, CognitoAuth
-from .client import AWSConnector, ResultBatch
+from .client import AWSConnector, ResultBatch, SessionStatus
 from .config import AGENT_CONFIG_FILE, ClientConfig
 from .dataplane import DataPlane, LayeredStore, RedisStore, S3Store, make_store
 from .transport import HTTPTransport
@@ -20,6 +20,7 @@ from .transport import HTTPTransport
 __all__ = [
     "AWSConnector",
     "ResultBatch",
+    "SessionStatus",
     "ClientConfig",
     "AGENT_CONFIG_FILE",
     "Auth",

@@ -17,6 +17,7 @@ terminal task of the session) and report what is new themselves.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -27,13 +28,14 @@ from typing import Any
 
 from .. import wire
 from ..errors import BadRequestError, ConfigurationError, ControlPlaneError, GridError, PayloadError
+from ..options import TaskOptions
 from ..worker_guard import COLLECTED, cancel_key, run_key
 from .auth import ApiKeyAuth, Auth, CognitoAuth
 from .config import ClientConfig
 from .dataplane import DataPlane, make_store
 from .transport import HTTPTransport
 
-__all__ = ["AWSConnector", "ResultBatch", "MAX_WAIT_SEC"]
+__all__ = ["AWSConnector", "ResultBatch", "SessionStatus", "MAX_WAIT_SEC"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ MAX_WAIT_SEC = 20.0
 
 _ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
 _TERMINAL = ("finished", "failed", "cancelled")
+_AFTER_EVERYTHING = "99999999999999-0"
+_LOG_RETENTION_SEC = 3600.0  # a grid's default retention of ended sessions' keys  # a cursor after every event: an answer with counts only
 # reason given for a task the grid reports finished whose output is not in the data plane
 _NO_OUTPUT = "the task finished but its output is missing from the data plane (evicted or deleted)"
 
@@ -69,6 +73,29 @@ class ResultBatch:
         return bool(self.finished or self.failed or self.cancelled or self.processing)
 
 
+@dataclass(frozen=True)
+class SessionStatus:
+    """How many tasks of a session are in each state (:meth:`AWSConnector.session_status`).
+
+    On the local grid (``exact``) every count comes from the grid's own counters. On a plain
+    deployment, whose API lists only terminal tasks: ``finished``/``failed``/``cancelled`` are
+    the grid's; ``count`` comes from the submission payload in the data plane (None once the
+    session's data was deleted, e.g. after an executor collected it); ``processing`` counts the
+    non-terminal tasks whose worker-guard run marker says a run is under way, ``pending`` the
+    others (both None without the count). A task whose call raised is ``finished`` on the grid,
+    as on any HTC-Grid (its output holds the exception).
+    """
+
+    session_id: str
+    count: int | None
+    pending: int | None
+    processing: int | None
+    finished: int
+    failed: int
+    cancelled: int
+    exact: bool
+
+
 @dataclass
 class _Answer:
     """A ``/result`` answer, checked: the ids per state, in the server's order."""
@@ -79,6 +106,7 @@ class _Answer:
     cancelled: list[str]
     processing: list[str]
     cursor: str | None
+    counts: dict[str, int] | None = None
 
     @classmethod
     def parse(cls, body: Any) -> _Answer:
@@ -96,6 +124,10 @@ class _Answer:
         if not isinstance(reasons, list) or len(reasons) != len(failed):
             reasons = [""] * len(failed)  # a plain deployment gives no reasons
         cursor = body.get("cursor")
+        counts = body.get("counts")
+        if counts is not None and not (isinstance(counts, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in counts.values())):
+            raise ControlPlaneError("GET /result: 'counts' in the grid's answer is not a map of counts")
         return cls(
             finished=ids("finished"),
             failed=failed,
@@ -103,6 +135,7 @@ class _Answer:
             cancelled=ids("cancelled"),
             processing=ids("processing"),
             cursor=None if cursor is None else str(cursor),
+            counts=counts,
         )
 
     @property
@@ -117,6 +150,17 @@ class _Answer:
             yield tid, "failed", reason
         for tid in self.cancelled:
             yield tid, "cancelled", ""
+
+
+def _marker_state(marker: bytes | None) -> str | None:
+    """The ``state`` of a worker-guard run marker (see worker_guard), None if absent or unreadable."""
+    if marker is None:
+        return None
+    try:
+        doc = json.loads(marker)
+    except ValueError:
+        return None
+    return doc.get("state") if isinstance(doc, dict) else None
 
 
 def _check_id(value: object, what: str) -> str:
@@ -262,6 +306,7 @@ class AWSConnector:
         listener: str | None = None,
         task_timeout_sec: float | None = None,
         retry_count: int | None = None,
+        options: TaskOptions | None = None,
     ) -> dict[str, Any]:
         """Submit ``tasks_list`` (JSON-serialisable values, each the event of one worker call) as
         one session; returns ``{'session_id': sid, 'task_ids': [...]}`` in submission order.
@@ -273,9 +318,18 @@ class AWSConnector:
         submit repeated after an error never runs the work twice (the grid answers a repeated
         submit of a known session with the same answer). ``listener``: subscribe the session to
         that listener's stream (see :meth:`poll_listener`). ``task_timeout_sec``/``retry_count``
-        default to the grid's 3600 s and 5.
+        default to the grid's 3600 s and 5. ``options``: a :class:`~htcgrid_executor.options.TaskOptions`
+        instead of those three keywords (giving both raises TypeError); the wire holds options per
+        session, so every task of one ``send`` gets the same.
         """
         _, transport, store = self._parts()
+        if options is not None:
+            if not isinstance(options, TaskOptions):
+                raise TypeError(f"options must be a TaskOptions, got {type(options).__name__}")
+            if priority != 0 or task_timeout_sec is not None or retry_count is not None:
+                raise TypeError("pass options= or priority/task_timeout_sec/retry_count, not both")
+            priority, task_timeout_sec, retry_count = (options.priority, options.task_timeout_sec,
+                                                       options.retry_count)
         if not isinstance(tasks_list, (list, tuple)):
             raise BadRequestError(f"tasks_list must be a list of tasks, got {type(tasks_list).__name__}")
         if not tasks_list:
@@ -341,7 +395,7 @@ class AWSConnector:
     # ------------------------------------------------------------------------------ results
 
     def _result(self, session_id: str, *, after: str | None, wait_sec: float = 0.0,
-                listener: str | None = None) -> _Answer:
+                listener: str | None = None, counts: bool = False) -> _Answer:
         """One ``GET /result``. Extension parameters are sent always: a deployment ignores them."""
         _, transport, _ = self._parts()
         if self.extensions is False:
@@ -364,6 +418,8 @@ class AWSConnector:
             params["wait_ms"] = str(int(wait_sec * 1000))
         if listener is not None:
             params["listener"] = listener
+        if counts:
+            params["counts"] = "1"
         body = transport.request("GET", "/result", params, retry=True, extra_read_timeout_sec=wait_sec)
         answer = _Answer.parse(body)
         self.extensions = answer.has_cursor
@@ -432,6 +488,39 @@ class AWSConnector:
             if terminal or remaining <= 0:
                 return self._batch(terminal, [], None, False, outputs)
             time.sleep(min(self._pull_interval(), remaining))
+
+    def session_status(self, session_id: str) -> SessionStatus:
+        """Counts per state of a session (pending, processing, finished, failed, cancelled).
+
+        One ``GET /result`` (the local grid's ``counts`` extension answers from the session's
+        counters, whatever its size). Against a plain deployment, which lists terminal tasks
+        only, also one read of the session's payload (its task count) and of the run markers of
+        its unfinished tasks (see :class:`SessionStatus`). Raises BadRequestError (404) for a
+        session the local grid does not know, and the transport's and data plane's errors.
+        """
+        _check_id(session_id, "session_id")
+        answer = self._result(session_id, after=_AFTER_EVERYTHING, counts=True)
+        if answer.has_cursor and answer.counts is not None:
+            c = answer.counts
+            return SessionStatus(session_id, c.get("count"), c.get("pending"), c.get("processing"),
+                                 c.get("finished", 0), c.get("failed", 0), c.get("cancelled", 0), True)
+        if answer.has_cursor:  # a grid with cursors but without counts: what its answer says
+            return SessionStatus(session_id, None, None, None, 0, 0, 0, False)
+        ended = {tid for tid, _, _ in answer.terminal()}
+        status = {"finished": len(answer.finished), "failed": len(answer.failed),
+                  "cancelled": len(answer.cancelled)}
+        raw = self.store.get_many([wire.payload_key(session_id)])[0]
+        try:
+            task_ids = (wire.decode_submission(raw)["tasks_list"]["tasks"]) if raw is not None else None
+        except (PayloadError, KeyError, TypeError):
+            task_ids = None
+        if not isinstance(task_ids, list):
+            return SessionStatus(session_id, None, None, None, exact=False, **status)
+        unfinished = [tid for tid in task_ids if tid not in ended]
+        markers = self.store.get_many([run_key(tid) for tid in unfinished]) if unfinished else []
+        processing = sum(1 for marker in markers if _marker_state(marker) == "running")
+        return SessionStatus(session_id, len(task_ids), len(unfinished) - processing, processing,
+                             exact=False, **status)
 
     def poll_listener(self, listener: str, sessions: list[dict[str, Any]], after: str | None,
                       wait_sec: float = 0) -> ResultBatch:
@@ -628,6 +717,35 @@ class AWSConnector:
         if guarded:
             self.store.put_many({run_key(tid): COLLECTED for tid in task_ids})
         self.store.delete_many(keys)
+
+    def keep_task_logs(self, logs: Mapping[str, str]) -> None:
+        """Store tasks' captured logs (task id -> text) under their own ``<task_id>-logs`` keys,
+        in one batched write: :meth:`delete_session_data` leaves them. On Redis they expire
+        after ``htcgrid_retention_sec`` (the config's; a LocalGrid states its retention there;
+        default 3600 s); on S3 a lifecycle rule of the bucket must remove them."""
+        if logs:
+            retention = self.client_config.get("htcgrid_retention_sec", _LOG_RETENTION_SEC)
+            self.store.put_many({wire.logs_key(tid): text.encode("utf-8", "replace") for tid, text in logs.items()},
+                                expire_sec=float(retention))
+
+    def task_logs(self, task_id: str) -> str | None:
+        """A task's captured logs (its stdout, stderr and logging, the last 64 KiB): from its
+        ``<task_id>-logs`` key, else from its output while that is still in the data plane.
+        None when neither holds any (the task printed nothing, is not done, or its logs
+        expired). Raises PayloadError for something that is not a task id, and the data plane's
+        errors."""
+        wire.session_of(task_id)  # PayloadError for something that is not a task id
+        kept, output = self.store.get_many([wire.logs_key(task_id), wire.output_key(task_id)])
+        if kept is not None:
+            return bytes(kept).decode("utf-8", "replace")
+        if output is None:
+            return None
+        try:
+            doc = json.loads(wire.decode_output(output))
+        except (PayloadError, ValueError):
+            return None
+        logs = doc.get("logs") if isinstance(doc, dict) else None
+        return logs if isinstance(logs, str) and logs else None
 
     def mark_cancelled(self, task_ids: list[str]) -> None:
         """Mark tasks cancelled in the data plane, in one batched write: a worker running this

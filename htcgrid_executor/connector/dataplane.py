@@ -52,9 +52,11 @@ class DataPlane:
     """Interface of a data-plane store. Thread-safe: the executor writes from its submitting
     thread while its poller reads."""
 
-    def put_many(self, items: Mapping[str, bytes]) -> None:
+    def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
         """Write every ``key -> value``; returns when all are stored. Raises StorageError or
-        GridUnavailableError (some keys may then have been written)."""
+        GridUnavailableError (some keys may then have been written). ``expire_sec``: the keys
+        expire after that long where the store can say so per key (Redis); S3 keeps them until
+        a lifecycle rule of the bucket removes them."""
         raise NotImplementedError
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -155,14 +157,18 @@ class RedisStore(DataPlane):
         """The underlying ``redis.Redis`` (for tests and tools)."""
         return self._client
 
-    def put_many(self, items: Mapping[str, bytes]) -> None:
+    def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
         if not items:
             return
         pairs = list(items.items())
         try:
             pipe = self._client.pipeline(transaction=False)
-            for start in range(0, len(pairs), _REDIS_CHUNK):
-                pipe.mset(dict(pairs[start:start + _REDIS_CHUNK]))
+            if expire_sec is None:
+                for start in range(0, len(pairs), _REDIS_CHUNK):
+                    pipe.mset(dict(pairs[start:start + _REDIS_CHUNK]))
+            else:
+                for key, value in pairs:  # MSET sets no expiry: one SET PX each, same round trip
+                    pipe.set(key, value, px=max(1, int(expire_sec * 1000)))
             pipe.execute()
         except Exception as exc:  # redis-py raises RedisError and OSError subclasses
             raise _redis_error(exc, f"write {len(pairs)} keys") from exc
@@ -280,11 +286,11 @@ class S3Store(DataPlane):
         finally:
             body.close()
 
-    def put_many(self, items: Mapping[str, bytes]) -> None:
+    def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
         if not items:
             return
         try:
-            self._map(self._put_one, list(items.items()))
+            self._map(self._put_one, list(items.items()))  # no expiry per object on S3
         except (GridUnavailableError, StorageError):
             raise
         except Exception as exc:
@@ -345,11 +351,11 @@ class LayeredStore(DataPlane):
     def __repr__(self) -> str:
         return f"LayeredStore({self.cache!r} over {self.backing!r})"
 
-    def put_many(self, items: Mapping[str, bytes]) -> None:
+    def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
         # S3 first: once a key is in the durable store, a failure writing the cache loses nothing
         # a reader cannot find through the fallback.
-        self.backing.put_many(items)
-        self.cache.put_many(items)
+        self.backing.put_many(items, expire_sec=expire_sec)
+        self.cache.put_many(items, expire_sec=expire_sec)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = list(keys)

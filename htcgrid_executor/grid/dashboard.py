@@ -48,7 +48,7 @@ WINDOW_MS = 5 * 60_000  # how far back the throughput chart and the failures lis
 BUCKET_MS = 5_000  # one bar of the chart
 MAX_FAILURES = 50  # failures kept and shown, newest first
 MAX_ENDED_SESSIONS = 20  # ended sessions shown beside every running one
-MAX_TRACEBACK_CHARS = 8_000  # the end of a longer traceback is shown
+MAX_TRACEBACK_CHARS = 8_000  # the end of a longer traceback (or task log) is shown
 _EVENTS_PER_READ = 20_000  # a big session's backlog is read over several refreshes
 _SNAPSHOT_TTL_SEC = 0.5  # several open pages share one reading of the grid
 _GONE_AGENT_MS = 60_000  # an agent silent this long after its registration expired is not shown
@@ -172,13 +172,13 @@ class GridView:
             ids = [task_id for task_id, _ in finished[start:start + 1000]]
             failed = self.table.outputs_starting_with(ids, _FAILED_HEADS)
             for task_id, raw in self.table.outputs(failed).items():
-                reason, trace = _reason_of_output(raw)
+                reason, trace, logs = _reason_of_output(raw)
                 bucket = self._buckets.get(when[task_id] - when[task_id] % BUCKET_MS)
                 if bucket is not None:
                     bucket[1] += 1
                 sid = task_id.rpartition("_")[0]
                 self._raised[sid] += 1
-                self._failures.appendleft(_failure(task_id, sid, when[task_id], reason, trace))
+                self._failures.appendleft(_failure(task_id, sid, when[task_id], reason, trace, logs))
 
     def _chart(self, now: int) -> dict[str, Any]:
         first = now - now % BUCKET_MS - WINDOW_MS + BUCKET_MS
@@ -223,28 +223,30 @@ def _task_order(task_id: str) -> tuple[str, int]:
     return sid, int(index) if index.isdigit() else 0
 
 
-def _failure(task_id: str, session_id: str, at_ms: int, reason: str, trace: str) -> dict[str, Any]:
+def _failure(task_id: str, session_id: str, at_ms: int, reason: str, trace: str, logs: str = "") -> dict[str, Any]:
     return {"task_id": task_id, "session_id": session_id, "time_ms": at_ms, "reason": reason,
-            "traceback": trace[-MAX_TRACEBACK_CHARS:]}
+            "traceback": trace[-MAX_TRACEBACK_CHARS:], "logs": logs[-MAX_TRACEBACK_CHARS:]}
 
 
-def _reason_of_output(raw: bytes) -> tuple[str, str]:
-    """(reason, traceback text) of a failure envelope or a Lambda error document."""
+def _reason_of_output(raw: bytes) -> tuple[str, str, str]:
+    """(reason, traceback text, the task's captured logs) of a failure envelope or a Lambda
+    error document."""
     try:
         doc = json.loads(base64.b64decode(raw))
     except (ValueError, binascii.Error):
-        return "the task's output is unreadable", ""
+        return "the task's output is unreadable", "", ""
     if not isinstance(doc, dict):
-        return "the task's output is unreadable", ""
+        return "the task's output is unreadable", "", ""
     if "errorMessage" in doc:  # a handler that raised (not this package's): Lambda's document
         stack = doc.get("stackTrace") or []
         trace = "\n".join(str(line) for line in stack) if isinstance(stack, list) else str(stack)
-        return f"{doc.get('errorType', 'Error')}: {doc.get('errorMessage')}", trace
+        return f"{doc.get('errorType', 'Error')}: {doc.get('errorMessage')}", trace, ""
+    logs = doc.get("logs") if isinstance(doc.get("logs"), str) else ""
     kind = doc.get("error")
     if kind == "exception":
         name = str(doc.get("type", "Exception")).removeprefix("builtins.")
-        return f"{name}: {doc.get('message', '')}", str(doc.get("traceback", ""))
-    return f"the worker could not run the task ({kind}): {doc.get('message', '')}", ""
+        return f"{name}: {doc.get('message', '')}", str(doc.get("traceback", "")), logs
+    return f"the worker could not run the task ({kind}): {doc.get('message', '')}", "", logs
 
 
 class _Refusal(Exception):

@@ -4,6 +4,7 @@
 ``submission_content``, answer exactly as a deployment's API gateway does. Extensions that a
 deployment ignores (see docs/architecture.md): ``after``/``wait_ms``/``listener`` on ``/result``
 for cursors and long polls, ``processing``/``failed_reason``/``cursor`` in its answer,
+``counts=1`` on ``/result`` for a session's counts per state (``counts`` in the answer),
 ``task_ids_to_cancel`` on ``/cancel``.
 
 Every request needs the grid's key in ``x-api-key`` or ``Authorization`` (401 without, 403 when
@@ -230,6 +231,13 @@ class _Routes:
         body["metadata"]["tasks_in_response"] = len(body["finished"]) + len(body["failed"]) + len(
             body["cancelled"])
         body["cursor"] = events[-1].cursor if events else (after or "0")
+        if listener is None and (params.get("counts") or [""])[0] == "1":
+            # the session hash's counters: pending and processing too, which no stream holds
+            info = self.table.session_info(sid)
+            if info is None:  # expired between the check above and now
+                raise _Reject(404, f"unknown session {sid} (never submitted, or expired)")
+            body["counts"] = {state.value: info[state.value] for state in TaskState}
+            body["counts"]["count"] = info["count"]
         return body
 
     # POST /cancel?submission_content=b64({"session_ids_to_cancel": [...]})

@@ -387,6 +387,7 @@ class LocalGrid:
             "intra_vpc": 1,
             "payload_signing_key": self.payload_signing_key,
             "htcgrid_redis_control_url": self._joining_agent_redis_url,
+            "htcgrid_retention_sec": self.retention_sec,  # how long kept task logs live
             "htcgrid_agent_settings": {k: v for k, v in self._agent_template.items() if k != "handler"}
             | {"handler": self.handler},
         }

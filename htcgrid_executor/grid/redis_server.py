@@ -32,8 +32,9 @@ __all__ = ["RedisServer", "find_redis_server", "GRID_ROLES"]
 logger = logging.getLogger(__name__)
 
 # The data-plane keys, bare as a deployment writes them (wire.py): <task>-input, <task>-output,
-# <session>-payload.
-_DATA_PLANE_KEYS = "~*-input ~*-output ~*-payload"
+# <session>-payload; and the executor's own: <task>-logs (kept task logs), <share>-shared
+# (objects stored once by HTCGridExecutor.share).
+_DATA_PLANE_KEYS = "~*-input ~*-output ~*-payload ~*-logs ~*-shared"
 
 #: ACL rules of the grid's roles. None of them may run CONFIG, MODULE, DEBUG, SAVE, BGSAVE,
 #: REPLICAOF, SHUTDOWN, ACL, CLIENT, KEYS or FLUSHALL (all in Redis's @dangerous category), so

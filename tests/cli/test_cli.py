@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from htcgrid_executor.cli import main as cli_main
 from htcgrid_executor.connector import AWSConnector
 
 HERE = Path(__file__).parent
@@ -86,8 +87,31 @@ def test_status_and_cancel_report_per_session(running_grid):
     status = _cli("status", done["session_id"], slow["session_id"], "--config", str(config))
     assert status.returncode == 0, status.stderr
     rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[1:]}
-    assert rows[done["session_id"]] == ["1", "0", "0"]
-    assert rows[slow["session_id"]] == ["0", "0", "3"]
+    assert status.stdout.split()[:6] == ["session", "pending", "processing", "finished", "failed", "cancelled"]
+    assert rows[done["session_id"]] == ["0", "0", "1", "0", "0"]
+    assert rows[slow["session_id"]] == ["0", "0", "0", "0", "3"]
+
+
+def test_status_of_a_running_session_counts_every_state(running_grid, capsys):
+    config, _ = running_grid
+    with AWSConnector.from_config_file(str(config)) as connector:
+        connector.authenticate()
+        # one agent: task 0 finishes, 1 runs past the limit (failed), 2 runs, 3 waits, 4 is cancelled
+        answer = connector.send([{"n": 0}, {"sleep": 10}, {"sleep": 10}, {"n": 3}, {"n": 4}],
+                                task_timeout_sec=2)
+        tids = answer["task_ids"]
+        connector.cancel_tasks([tids[4]])
+        deadline = time.monotonic() + 20
+        while (status := connector.session_status(answer["session_id"])).failed < 1 or status.processing < 1:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert (status.count, status.exact) == (5, True)
+        capsys.readouterr()
+        assert cli_main(["status", "--config", str(config), answer["session_id"]]) == 0
+        row = capsys.readouterr().out.splitlines()[1].split()
+        connector.cancel_sessions([answer["session_id"]])
+    assert row == [answer["session_id"], "1", "1", "1", "1", "1"]  # pending .. cancelled
+    assert (status.pending, status.processing, status.finished, status.cancelled) == (1, 1, 1, 1)
 
 
 def test_grid_prints_its_dashboard_address_with_the_key(running_grid):
@@ -116,7 +140,7 @@ def test_errors_are_one_line_and_a_non_zero_exit(tmp_path):
     assert zero.stderr.splitlines()[-1] == "htcgrid-executor demo: error: argument --workers: must be at least 1, not 0"
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["grid"], ["agent"], ["status"], ["cancel"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["grid"], ["agent"], ["status"], ["cancel"], ["logs"]])
 def test_every_command_has_help(command):
     answer = _cli(*command, "--help")
     assert answer.returncode == 0

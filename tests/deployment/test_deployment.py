@@ -102,6 +102,39 @@ def test_retry_count_zero_fails_a_call_whose_worker_was_lost(standin, make_execu
     assert runs(str(path)) == []
 
 
+def test_per_call_options_reach_the_guard_of_each_task(standin, make_executor, tmp_path):
+    executor = make_executor(batch_window=0.1)  # no time limit, 2 retries
+    limited = executor.options(task_timeout_sec=0.5)
+    stopped = limited.submit(sleep, 5.0)
+    unlimited = executor.submit(sleep, 1.0)  # in the same send round, in its own session
+    with pytest.raises(TaskFailedError, match="time limit"):
+        stopped.result(timeout=20)
+    assert unlimited.result(timeout=20) == 1.0
+    path = tmp_path / "runs"
+    path.touch()
+    future = executor.options(retry_count=0).submit(slow_record, str(path), 1, 3.0)
+    sid = executor.sessions()[0]["session_id"]
+    _wait_processing(standin, 1)
+    assert standin.kill_agent_running(standin.tasks_of(sid)[0])
+    with pytest.raises(TaskFailedError, match="retry_count=0"):
+        future.result(timeout=20)
+    standin.wait_idle()
+    assert runs(str(path)) == []
+
+
+def test_status_of_a_running_session_counts_pending_and_processing_from_the_run_markers(standin, make_executor):
+    executor = make_executor(batch_window=0.2)
+    futures = [executor.submit(sleep, 1.0) for _ in range(3)]  # one session, 2 agents
+    [record] = executor.sessions()
+    _wait_processing(standin, 2)
+    deadline = time.monotonic() + 10
+    while (status := executor._core.connector.session_status(record["session_id"])).processing < 2:
+        assert time.monotonic() < deadline, status  # the guard takes its run marker as the call starts
+        time.sleep(0.02)
+    assert (status.count, status.pending, status.finished, status.failed, status.exact) == (3, 1, 0, 0, False)
+    assert [f.result(timeout=20) for f in futures] == [1.0] * 3
+
+
 def test_cli_status_of_a_collected_session_counts_it_finished(standin, make_executor, tmp_path, capsys):
     executor = make_executor()
     future = executor.submit(double, 21)
@@ -112,7 +145,9 @@ def test_cli_status_of_a_collected_session_counts_it_finished(standin, make_exec
     config.write_text(__import__("json").dumps(standin.client_config()))
     capsys.readouterr()
     assert cli(["status", "--config", str(config), sid]) == 0
-    assert capsys.readouterr().out.split()[-4:] == [sid, "1", "0", "0"]
+    # finished, failed, cancelled from the deployment's API; pending/processing unknown once the
+    # session's data (its payload) was deleted
+    assert capsys.readouterr().out.split()[-6:] == [sid, "?", "?", "1", "0", "0"]
 
 
 def test_map_picks_its_chunks_and_polls_no_faster_than_the_interval(standin, make_executor):

@@ -170,3 +170,36 @@ def sleep_or_fail(x, bad, seconds):
         raise KeyError(x)
     time.sleep(seconds)
     return x
+
+
+def record_start(path, tag):
+    """Append ``tag`` to ``path`` when the call starts: the order the grid ran calls in."""
+    with open(path, "a") as handle:
+        handle.write(tag + "\n")
+    return tag
+
+
+def noisy(x, fail=False):
+    """Write to stdout, stderr and logging, then return x (or raise)."""
+    import logging
+    import sys
+
+    print(f"stdout line of {x}")
+    print(f"stderr line of {x}", file=sys.stderr)
+    logging.getLogger("user.module").warning("a warning about %s", x)
+    if fail:
+        raise ValueError(f"failed on {x}")
+    return x
+
+
+def print_kib(kib, last):
+    """Print ``kib`` KiB of filler, then ``last``."""
+    for _ in range(kib):
+        print("x" * 1023)
+    print(last)
+    return kib
+
+
+def size_and_pid(data, i=0):
+    """The size of a (shared) object and the worker process that saw it."""
+    return len(data), os.getpid()

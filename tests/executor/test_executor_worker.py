@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import pytest
@@ -247,3 +248,38 @@ def loads_signed_bytes(blob):
     import base64
 
     return base64.b64decode(blob.split(".", 2)[2])
+
+
+def test_the_envelope_carries_what_the_task_wrote_and_the_streams_still_get_it(capsys):
+    from executor_tasks import noisy
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()  # a worker process as it starts: no logging configured (pytest's gone)
+    try:
+        failed = json.loads(run(call_task(noisy, 3, fail=True)))
+    finally:
+        root.handlers[:] = saved
+    assert failed["logs"].splitlines() == ["stdout line of 3", "stderr line of 3",
+                                           "WARNING user.module: a warning about 3"]
+    out, err = capsys.readouterr()
+    assert out == "stdout line of 3\n" and "stderr line of 3" in err and "a warning about 3" in err
+    assert "logs" not in json.loads(run(call_task(square, 3)))  # a silent task: no logs at all
+    ok, exc, logs = worker.decode_output_and_logs(json.dumps(failed), KEY)
+    assert not ok and isinstance(exc, ValueError) and logs == failed["logs"]
+
+
+def test_log_note_is_a_note_on_311_and_a_message_line_before():
+    exc = ValueError("boom")
+    worker.log_note(exc, "a\nb\n", "sid_0")
+    if hasattr(exc, "__notes__"):
+        assert exc.__notes__ == ["--- last 2 log lines of task sid_0; all of them: htcgrid-executor logs sid_0 ---\na\nb"]
+
+    class NoNotes(Exception):  # how an exception looks on Python 3.10
+        @property
+        def add_note(self):
+            raise AttributeError("add_note")
+
+    old = NoNotes("boom")
+    worker.log_note(old, "a\nb\n", "sid_0")
+    assert str(old).startswith("boom\n--- last 2 log lines of task sid_0") and str(old).endswith("\na\nb")

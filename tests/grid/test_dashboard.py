@@ -110,6 +110,7 @@ def test_the_page_shows_a_running_map_and_cancels_it_in_chromium(grid, running_m
     assert browser.evaluate(_texts("li.failure .reason")) == ["ValueError: bad input 0"]
     traceback = browser.evaluate(_texts("li.failure pre.traceback"))
     assert len(traceback) == 1 and "dashboard_tasks.py" in traceback[0] and "raise ValueError" in traceback[0]
+    assert browser.evaluate(_texts("li.failure pre.task-logs")) == ["checking input 0\n"]  # what it printed
 
     # the throughput chart: one task ended in the last minute, drawn as a bar
     assert browser.evaluate("document.getElementById('chart').dataset.lastMinute") == "1"

@@ -187,6 +187,12 @@
         details.appendChild(el("pre", {"class": "traceback"}, failure.traceback));
         item.appendChild(details);
       }
+      if (failure.logs) {  // the task's stdout, stderr and logging (their end)
+        const logs = el("details", {});
+        logs.appendChild(el("summary", {}, "task logs"));
+        logs.appendChild(el("pre", {"class": "task-logs"}, failure.logs));
+        item.appendChild(logs);
+      }
       list.prepend(item);
     }
     while (list.children.length > 50) list.lastElementChild.remove();
