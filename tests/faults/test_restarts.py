@@ -25,11 +25,13 @@ def _check_exactly_once(futures, counter, log, n, figures, timeout=90):
     """Each future ``i`` resolved once with ``i * i``; each call ran exactly once."""
     wait(futures, timeout=timeout)
     time.sleep(0.2)  # a late duplicate resolution would show in the counts now
-    lost = sum(1 for i, f in enumerate(futures)
-               if not f.done() or f.exception() is not None or f.result() != i * i)
+    lost = [(i, "not done" if not f.done() else repr(f.exception()) if f.exception() is not None
+             else f"returned {f.result()!r}")
+            for i, f in enumerate(futures)
+            if not f.done() or f.exception() is not None or f.result() != i * i]
     figures["tasks_run"] += n
-    figures["results_lost"] += lost
-    assert lost == 0
+    figures["results_lost"] += len(lost)
+    assert len(lost) == 0, lost[:5]
     counter.assert_each_once()
     runs = executions(log)
     assert set(runs) == set(range(n))
