@@ -190,12 +190,15 @@ class Agent:
 
     def _publish_counters(self) -> None:
         """Write :meth:`counters` to ``agent:<id>:stats`` (one round trip, at the heartbeat),
-        expiring a while after the agent stops beating."""
+        expiring a while after the agent stops beating. Best effort: a failure is skipped."""
         key = key_for("agent_stats", self.agent_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=self.counters())
         pipe.expire(key, max(30, int(10 * self.settings.heartbeat_sec)))
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError:  # counters are for reading, never worth a late heartbeat
+            logger.debug("agent %s: could not publish its counters", self.agent_id, exc_info=True)
 
     # -- the main loop ------------------------------------------------------------------------
     def run(self) -> None:
