@@ -28,15 +28,7 @@ from typing import Any
 
 from . import tasks
 from .executors import NotAvailable, make_executor, map_supports_buffersize
-from .instrument import (
-    COUNT_DIR_ENV,
-    GridRedisCounters,
-    ProcessCounters,
-    connector_counters,
-    find_attr_of_type,
-    install_process_counters,
-    read_shared_counters,
-)
+from .instrument import GridRedisCounters, find_attr_of_type, summed_agent_stats
 from .profile import SpySession, process_cpu
 
 __all__ = ["main"]
@@ -106,10 +98,9 @@ class _Sampler(threading.Thread):
 
 
 class _Instruments:
-    """Control-plane counters for HTCGridExecutor; empty snapshots for the peers."""
+    """Control-plane counters of HTCGridExecutor (the library's own); empty snapshots for the peers."""
 
-    def __init__(self, name: str, process_counters: ProcessCounters | None) -> None:
-        self.process = process_counters
+    def __init__(self, name: str) -> None:
         self.connector = None
         self.redis: GridRedisCounters | None = None
         self.grid = None
@@ -122,44 +113,27 @@ class _Instruments:
         self.connector = find_attr_of_type(executor, ("AWSConnector",))
         if self.connector is None:
             self.notes.append("no AWSConnector found on the executor")
-        elif connector_counters(self.connector) is None:
-            self.notes.append("the connector exposes no counters; counted from outside")
         grid = self.grid = find_attr_of_type(executor, ("LocalGrid",))
-        config = getattr(grid, "client_config", None) if grid is not None else None
-        if callable(config):
-            config = config()
         server = getattr(grid, "redis_server", None)
         if server is not None:  # INFO is an admin command: the client config's Redis user may not
             try:
                 self.redis = GridRedisCounters(server.url)
             except Exception as exc:
                 self.notes.append(f"grid Redis INFO unavailable: {type(exc).__name__}: {exc}")
-        elif isinstance(config, dict) and config.get("redis_url"):
-            try:
-                self.redis = GridRedisCounters(config["redis_url"], config.get("redis_password"))
-            except Exception as exc:
-                self.notes.append(f"grid Redis INFO unavailable: {type(exc).__name__}: {exc}")
         else:
-            self.notes.append("no LocalGrid.client_config redis_url found: no Redis INFO counts")
+            self.notes.append("no LocalGrid with its own Redis found: no Redis INFO counts")
 
     def snapshot(self) -> dict[str, Any]:
         if not self.enabled:
             return {}
         snap: dict[str, Any] = {}
-        if self.process is not None:
-            snap.update(self.process.snapshot())
-        shared = os.environ.get(COUNT_DIR_ENV)
-        if shared:
-            for role, counts in read_shared_counters(shared, exclude_pid=os.getpid()).items():
-                snap[f"{role}_redis_round_trips"] = counts["redis_round_trips"]
-                snap[f"{role}_http_requests"] = counts["http_requests"]
-        served = getattr(self.grid, "requests_served", None)
-        if isinstance(served, int):
-            snap["grid_http_requests_served"] = served
+        if self.grid is not None:
+            snap["grid_http_requests_served"] = self.grid.requests_served
+            snap["agents"] = summed_agent_stats(self.grid)
         if self.connector is not None:
-            counters = connector_counters(self.connector)
-            if counters:
-                snap["connector"] = counters
+            stats = self.connector.stats()
+            snap["http_routes"] = stats.pop("http_requests_by_route")
+            snap["connector"] = stats
         if self.redis is not None:
             try:
                 snap.update(self.redis.snapshot())
@@ -207,9 +181,8 @@ def _map_throughput(ex, items: int, chunksize: int, repeats: int) -> dict[str, A
             "tasks_per_s": items / wall, "runs_tasks_per_s": [items / w for w in walls]}
 
 
-def _latency(ex, n: int, max_s: float) -> dict[str, Any]:
-    """``n`` round trips, or fewer if ``max_s`` runs out first (a slow executor still reports)."""
-    samples = []
+def _latency_run(ex, n: int, max_s: float) -> list[float]:
+    samples: list[float] = []
     stop_at = time.perf_counter() + max_s
     for i in range(n):
         if samples and time.perf_counter() > stop_at:
@@ -217,21 +190,57 @@ def _latency(ex, n: int, max_s: float) -> dict[str, Any]:
         t0 = time.perf_counter_ns()
         ex.submit(tasks.noop, i).result()
         samples.append((time.perf_counter_ns() - t0) / 1e6)
-    ordered = sorted(samples)
-    n = len(samples)
+    return samples
 
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
-    return {
-        "n": n,
-        "p50_ms": pct(50),
-        "p90_ms": pct(90),
-        "p99_ms": pct(99),
-        "max_ms": ordered[-1],
-        "mean_ms": sum(samples) / n,
-        "samples_ms": samples,
-    }
+def _pct(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def _latency(ex, n: int, max_s: float, repeats: int) -> dict[str, Any]:
+    """``repeats`` runs of ``n`` round trips (fewer if ``max_s`` runs out first: a slow executor
+    still reports); the figures are the medians of the runs' percentiles."""
+    runs = [sorted(_latency_run(ex, n, max_s)) for _ in range(repeats)]
+    samples = [x for run in runs for x in run]
+    out: dict[str, Any] = {"n": len(samples), "n_per_run": n, "samples_ms": samples,
+                           "mean_ms": sum(samples) / len(samples), "max_ms": max(samples)}
+    for p in (50, 90, 99):
+        per_run = [_pct(run, p) for run in runs]
+        out[f"p{p}_ms"] = _median(per_run)
+        out[f"runs_p{p}_ms"] = per_run
+    return out
+
+
+def _busy_map(ex, items: int, repeats: int) -> dict[str, Any]:
+    """The chunksize-1 no-op ``map`` consumed by a thread while the main thread runs a pure-Python
+    loop (a client that computes while the grid works): how much of its idle rate an executor
+    keeps when its own threads must share the GIL with the user's."""
+    walls: list[float] = []
+    spins: list[int] = []
+    for _ in range(repeats):
+        if walls and walls[0] > REPEAT_LIMIT_S:
+            break
+        count = [0]
+
+        def consume(count: list[int] = count) -> None:
+            for _ in ex.map(tasks.noop, range(items)):
+                count[0] += 1
+
+        consumer = threading.Thread(target=consume, name="bench-busy-consumer")
+        t0 = time.perf_counter()
+        consumer.start()
+        spin = 0
+        while consumer.is_alive():
+            for _ in range(10_000):  # pure Python, holds the GIL but for the interpreter's switches
+                spin += 1
+        walls.append(time.perf_counter() - t0)
+        spins.append(spin)
+        if count[0] != items:
+            raise RuntimeError(f"map returned {count[0]} results for {items} items")
+    wall = _median(walls)
+    return {"items": items * len(walls), "items_per_run": items, "wall_s": wall, "tasks_per_s": items / wall,
+            "runs_tasks_per_s": [items / w for w in walls],
+            "main_loop_per_s": _median([s / w for s, w in zip(spins, walls, strict=True)])}
 
 
 def _sleep10(ex, n: int, workers: int, repeats: int) -> dict[str, Any]:
@@ -352,8 +361,7 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
             proto.send(event="result", section="scale", data={"status": "n/a", "reason": "map() has no buffersize"})
             return
 
-    counters = install_process_counters(os.environ.get(COUNT_DIR_ENV)) if name == "htcgrid" else None
-    instruments = _Instruments(name, counters)
+    instruments = _Instruments(name)
     proto.send(event="start", section="startup")
     t0 = time.perf_counter()
     try:
@@ -370,8 +378,7 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
         proto.send(
             event="result",
             section="startup",
-            data={"start_s": time.perf_counter() - t0, "instrument_notes": instruments.notes,
-                  "counters_installed": counters.installed if counters else []},
+            data={"start_s": time.perf_counter() - t0, "instrument_notes": instruments.notes},
         )
         spy = SpySession()
         for section in sections:
@@ -386,7 +393,9 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
                 elif section == "map_c100":
                     data = _map_throughput(ex, p["items"], 100, p["repeats"])
                 elif section == "latency":
-                    data = _latency(ex, p["n"], p["max_s"])
+                    data = _latency(ex, p["n"], p["max_s"], p["repeats"])
+                elif section == "busy":
+                    data = _busy_map(ex, p["items"], p["repeats"])
                 elif section == "sleep10":
                     data = _sleep10(ex, p["n"], workers, p["repeats"])
                 elif section == "outstanding":

@@ -5,7 +5,7 @@ how much each piece costs on its own, so that an optimisation can be sized befor
 
 - the payload codec on both sides (signed cloudpickle, the task JSON, base64 twice);
 - one Redis round trip to the grid's Redis;
-- one HTTP request to the local grid through the connector's transport (``requests``) and
+- one HTTP request to the local grid through the connector's transport (urllib3) and
   through a bare ``http.client`` keep-alive connection, to the same route;
 - ``concurrent.futures.Future`` and ``threading.Condition`` creation (one per task/call).
 
@@ -125,7 +125,7 @@ def measure(workers: int = 1) -> list[tuple[str, str, float]]:
 
         via_requests()
         via_http_client()
-        rows.append(("HTTP", "GET /result via the connector's transport (requests.Session)", _us(via_requests, 300)))
+        rows.append(("HTTP", "GET /result via the connector's transport (urllib3)", _us(via_requests, 300)))
         rows.append(("HTTP", "GET /result via http.client keep-alive, same route and server", _us(via_http_client, 300)))
         conn.close()
         connector.close()

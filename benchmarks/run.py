@@ -8,13 +8,17 @@ For each executor (``htcgrid``, ``process``, ``loky``, ``dask``) one child proce
 (:mod:`benchmarks.child`) starts the executor, warms it up and runs the sections in turn:
 
 1. ``map_c1`` / ``map_c100``: ``map`` of a no-op over ``--map-items`` items, chunksize 1 and 100;
-2. ``latency``: ``submit(noop).result()`` one at a time, p50/p99;
-3. ``sleep10``: ``map`` of a 10 ms ``time.sleep`` task, wall time against ``n * 10 ms / workers``;
-4. ``outstanding``: client memory per outstanding future (workers held on a gate);
+2. ``busy``: the chunksize-1 ``map`` (``--busy-items``) while the client's main thread runs a
+   pure-Python loop;
+3. ``latency``: ``submit(noop).result()`` one at a time, p50/p99;
+4. ``sleep10``: ``map`` of a 10 ms ``time.sleep`` task, wall time against ``n * 10 ms / workers``;
+5. ``outstanding``: client memory per outstanding future (workers held on a gate);
 
 and a second child per executor runs ``scale``: a ``--scale-items`` ``map`` with ``buffersize``,
-sampling the client's RSS (its own process, so peaks don't mix). Control-plane calls of
-HTCGridExecutor are counted around every section (see :mod:`benchmarks.instrument`).
+sampling the client's RSS (its own process, so peaks don't mix). Every section but those two runs
+``--repeats`` times (5; 3 with ``--quick``): the report gives the median and the spread (max - min
+over the median), with the load average. Control-plane calls of HTCGridExecutor are read from
+the library's own counters around every section (see :mod:`benchmarks.instrument`).
 
 Every section has a wall-clock bound; past it the child's whole process tree is killed and the
 report says ``timeout``. The report (``benchmarks.md``) and plots (``img/*.png``) go to ``--out``.
@@ -36,14 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from .executors import EXECUTORS, LABELS
-from .instrument import COUNT_DIR_ENV
 from .sysinfo import machine_info
 
 __all__ = ["main", "run_all", "Config"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MAIN_SECTIONS = ("map_c1", "map_c100", "latency", "sleep10", "outstanding")
+MAIN_SECTIONS = ("map_c1", "map_c100", "busy", "latency", "sleep10", "outstanding")
 
 
 class Config:
@@ -53,10 +56,13 @@ class Config:
         quick = args.quick
         self.quick = quick
         self.workers = args.workers
-        self.map_items = args.map_items or (2_000 if quick else 20_000)
-        self.repeats = args.repeats or (1 if quick else 3)
-        self.latency_n = args.latency_n or (200 if quick else 2_000)
-        self.sleep_n = args.sleep_n or (100 * self.workers if quick else 500 * self.workers)
+        # --quick: 3 runs of a third of what its single run used to be, so that the suite's run of
+        # it takes no longer than before
+        self.map_items = args.map_items or (700 if quick else 20_000)
+        self.repeats = args.repeats or (3 if quick else 5)
+        self.busy_items = args.busy_items or (100 if quick else 10_000)
+        self.latency_n = args.latency_n or (70 if quick else 1_000)
+        self.sleep_n = args.sleep_n or (35 * self.workers if quick else 300 * self.workers)
         self.outstanding_n = args.outstanding_n or (5_000 if quick else 100_000)
         self.scale_items = args.scale_items or (20_000 if quick else 1_000_000)
         self.scale_chunksize = args.scale_chunksize
@@ -74,6 +80,7 @@ class Config:
             "startup": 30 if quick else 120,
             "map_c1": 180 * scale,
             "map_c100": 120 * scale,
+            "busy": 180 * scale,
             "latency": 120 * scale,
             "sleep10": 120 * scale,
             "outstanding": 240 * scale,
@@ -88,7 +95,8 @@ class Config:
         return {
             "map_c1": {"items": self.map_items, "repeats": self.repeats},
             "map_c100": {"items": self.map_items, "repeats": self.repeats},
-            "latency": {"n": self.latency_n, "max_s": 3.0 if self.quick else 30.0},
+            "busy": {"items": self.busy_items, "repeats": self.repeats},
+            "latency": {"n": self.latency_n, "max_s": 1.0 if self.quick else 15.0, "repeats": self.repeats},
             "sleep10": {"n": self.sleep_n, "repeats": self.repeats},
             "outstanding": {"n": self.outstanding_n},
             "scale": {"items": self.scale_items, "chunksize": self.scale_chunksize,
@@ -99,16 +107,9 @@ class Config:
         return {k: v for k, v in vars(self).items() if k != "budgets"} | {"budgets": self.budgets}
 
 
-def _child_env(name: str, log_dir: Path) -> dict[str, str]:
+def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(ROOT), env.get("PYTHONPATH")]
-    if name == "htcgrid":
-        # The counting hook (benchmarks/_hooks/sitecustomize.py) reaches the grid's agents through
-        # the PYTHONPATH they inherit; see benchmarks.instrument.
-        count_dir = log_dir / "counters"
-        count_dir.mkdir(exist_ok=True)
-        paths.insert(0, str(ROOT / "benchmarks" / "_hooks"))
-        env[COUNT_DIR_ENV] = str(count_dir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -148,7 +149,7 @@ def run_child(name: str, sections: list[str], cfg: Config, log_dir: Path,
     log_path = log_dir / f"{name}-{'-'.join(sections)}.log"
     out: dict[str, Any] = {"_log": str(log_path)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(name, log_dir) | (env_extra or {}),
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env() | (env_extra or {}),
                                 stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     lines: queue.Queue = queue.Queue()
 
@@ -299,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-dask", action="store_true", help="include dask in --quick")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale (buffersize) run")
     parser.add_argument("--map-items", type=int)
-    parser.add_argument("--repeats", type=int, help="timed repeats of map and 10 ms runs (median kept)")
-    parser.add_argument("--latency-n", type=int)
+    parser.add_argument("--repeats", type=int,
+                        help="timed runs of every section but outstanding and scale (median and spread kept)")
+    parser.add_argument("--busy-items", type=int, help="items of the busy-client map")
+    parser.add_argument("--latency-n", type=int, help="round trips per latency run")
     parser.add_argument("--sleep-n", type=int)
     parser.add_argument("--outstanding-n", type=int)
     parser.add_argument("--scale-items", type=int)

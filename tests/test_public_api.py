@@ -226,6 +226,8 @@ def test_connector_keeps_the_seeds_api():
         "poll_session", "poll_listener", "new_listener_id", "forget_listener", "cancel_tasks",
         "delete_session_data", "mark_cancelled", "close", "store", "transport", "session_status",
         "keep_task_logs", "task_logs",
+        # what it sent and received, for benchmarks and monitoring
+        "stats",
     }
     # the seed's parameter names, which its users pass as keywords
     assert parameters(AWSConnector.__init__) == ["self", "client_config_data", "username=", "password="]
@@ -250,7 +252,7 @@ def test_local_grid_surface():
     assert grid.__all__ == ["LocalGrid"]
     assert public_members(LocalGrid) == {
         "start", "stop", "add_agents", "url", "dashboard_url", "client_config", "write_client_config",
-        "agent_pids", "runner_pids", "requests_served", "restart_control_plane", "restart_redis",
+        "agent_pids", "runner_pids", "requests_served", "agent_stats", "restart_control_plane", "restart_redis",
     }
     assert parameters(LocalGrid.__init__) == [
         "self", "workers", "handler=", "folder=", "redis_url=", "host=", "port=", "heartbeat_sec=",

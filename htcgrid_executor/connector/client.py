@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +163,45 @@ def _marker_state(marker: bytes | None) -> str | None:
     return doc.get("state") if isinstance(doc, dict) else None
 
 
+class _CountedStore(DataPlane):
+    """The connector's data plane, counting its batched calls and the value bytes they move
+    (one lock per batch, not per key), for :meth:`AWSConnector.stats`."""
+
+    def __init__(self, store: DataPlane) -> None:
+        self.inner = store
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
+        size = sum(len(value) for value in items.values())
+        with self._lock:
+            self.calls += 1
+            self.bytes_sent += size
+        self.inner.put_many(items, expire_sec=expire_sec)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            self.calls += 1
+        values = self.inner.get_many(keys)
+        size = sum(len(value) for value in values if value is not None)
+        with self._lock:
+            self.bytes_received += size
+        return values
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            self.calls += 1
+        self.inner.delete_many(keys)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def _check_id(value: object, what: str) -> str:
     if not isinstance(value, str) or not _ID.match(value):
         raise BadRequestError(f"{what} must be a string of letters, digits and '-' (at most 128), got {value!r}")
@@ -213,6 +252,10 @@ class AWSConnector:
         self._last_poll: dict[str, float] = {}
         #: True/False once a ``/result`` answer showed whether the server has the extensions
         self.extensions: bool | None = None
+        # GET /result calls, and those that asked the grid to wait, for stats(); counted across
+        # init(), which replaces the transport and store (and with them their counts)
+        self._polls = 0
+        self._long_polls = 0
         if client_config_data is not None:
             self.init(client_config_data, username or "", password or "")
 
@@ -236,7 +279,7 @@ class AWSConnector:
                 username=config.username,
                 password=config.password,
             )
-        store = make_store(config)
+        store = _CountedStore(make_store(config))
         transport = HTTPTransport(config.api_url, auth)
         with self._lock:
             old = (self._store, self._transport)
@@ -285,6 +328,47 @@ class AWSConnector:
     def transport(self) -> HTTPTransport:
         """The HTTP layer; its ``max_attempts``, ``backoff_sec`` and timeouts may be tuned."""
         return self._parts()[1]
+
+    def stats(self) -> dict[str, Any]:
+        """What this connector sent and received, counted as it went (a snapshot; the counts only
+        grow, so the difference of two snapshots is what happened between them)::
+
+            {"http_requests": 12,                 # calls to the control plane, retries not included
+             "http_requests_by_route": {"/submit": 4, "/result": 8},
+             "round_trips": 16,                   # HTTP attempts (retries included) + data-plane calls
+             "http_round_trips": 12, "retries": 0,
+             "bytes_sent": 3100, "bytes_received": 2050,   # HTTP request lines / answer bodies
+             "polls": 8, "long_polls": 8,         # GET /result calls, those that asked the grid to wait
+             "dataplane_calls": 4,                # batched put/get/delete calls (one per batch)
+             "dataplane_bytes_sent": 900, "dataplane_bytes_received": 640}   # values written / read
+
+        Calls made by the executor through :attr:`store` are counted too. :meth:`init` starts the
+        HTTP and data-plane counts again (new connections); polls are counted across it. Cheap
+        enough to call often; does not contact the grid. Raises ConfigurationError before the
+        connector is configured.
+        """
+        transport, store = self._transport, self._store
+        if transport is None or not isinstance(store, _CountedStore):
+            raise ConfigurationError("the connector has no configuration: pass client_config_data or call init()")
+        http = transport.counters()
+        with store._lock:
+            calls, sent, received = store.calls, store.bytes_sent, store.bytes_received
+        with self._lock:
+            polls, long_polls = self._polls, self._long_polls
+        return {
+            "http_requests": sum(http["requests"].values()),
+            "http_requests_by_route": http["requests"],
+            "round_trips": http["round_trips"] + calls,
+            "http_round_trips": http["round_trips"],
+            "retries": http["retries"],
+            "bytes_sent": http["bytes_sent"],
+            "bytes_received": http["bytes_received"],
+            "polls": polls,
+            "long_polls": long_polls,
+            "dataplane_calls": calls,
+            "dataplane_bytes_sent": sent,
+            "dataplane_bytes_received": received,
+        }
 
     # ------------------------------------------------------------------------------ auth
 
@@ -420,6 +504,9 @@ class AWSConnector:
             params["listener"] = listener
         if counts:
             params["counts"] = "1"
+        with self._lock:
+            self._polls += 1
+            self._long_polls += wait_sec > 0
         body = transport.request("GET", "/result", params, retry=True, extra_read_timeout_sec=wait_sec)
         answer = _Answer.parse(body)
         self.extensions = answer.has_cursor

@@ -176,6 +176,29 @@ class Agent:
         # queue of tiny tasks goes in batches but long tasks stay pending (and cancellable as
         # pending, and free for other agents) until an agent is really ready for them.
         self._batch = 1
+        # Counters for agent_stats(), plain ints: each is written by one thread only (claims by
+        # the main loop, heartbeats by the watcher) and published at the heartbeat, not per task.
+        self.tasks_claimed = 0
+        self.claims = 0
+        self.runner_restarts = 0
+        self.heartbeats = 0
+
+    def counters(self) -> dict[str, int]:
+        """This agent's counters since it started (see :func:`agent_stats`)."""
+        return {"tasks_claimed": self.tasks_claimed, "claims": self.claims,
+                "runner_restarts": self.runner_restarts, "heartbeats": self.heartbeats}
+
+    def _publish_counters(self) -> None:
+        """Write :meth:`counters` to ``agent:<id>:stats`` (one round trip, at the heartbeat),
+        expiring a while after the agent stops beating. Best effort: a failure is skipped."""
+        key = key_for("agent_stats", self.agent_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping=self.counters())
+        pipe.expire(key, max(30, int(10 * self.settings.heartbeat_sec)))
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError:  # counters are for reading, never worth a late heartbeat
+            logger.debug("agent %s: could not publish its counters", self.agent_id, exc_info=True)
 
     # -- the main loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -194,6 +217,8 @@ class Agent:
                         self._recover()
                     claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms)
                     if claims:
+                        self.claims += 1
+                        self.tasks_claimed += len(claims)
                         started = time.monotonic()
                         self._run_batch(claims)
                         per_task = (time.monotonic() - started) / len(claims)
@@ -401,6 +426,7 @@ class Agent:
                            describe_exit(runner.process.exitcode))
             runner.kill_group()
             runner.conn.close()
+        self.runner_restarts += 1  # run() starts the first runner: every one made here replaces one
         self._runner = _Runner(self.settings)
         return self._runner
 
@@ -519,6 +545,8 @@ class Agent:
                     with self._lock:
                         owned = sorted(self._owned)
                     self._take_back(set(self.table.heartbeat(self.agent_id, owned, self.lease_ms)))
+                    self.heartbeats += 1
+                    self._publish_counters()
                     next_beat = time.monotonic() + self.settings.heartbeat_sec
             except redis.exceptions.RedisError as exc:
                 logger.warning("agent %s: heartbeat failed: %s", self.agent_id, exc)

@@ -42,7 +42,7 @@ from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
 from .child_processes import describe_exit, spawn
 from .http_api import ControlPlaneServer
 from .redis_server import GRID_ROLES, RedisServer
-from .state_table import StateTable
+from .state_table import StateTable, key_for
 from .ttl_checker import TTLChecker
 
 __all__ = ["LocalGrid", "start_agent_process", "DEFAULT_HANDLER"]
@@ -365,6 +365,19 @@ class LocalGrid:
     def requests_served(self) -> int:
         """HTTP requests the control plane has answered (for benchmarks)."""
         return self._http.requests_served if self._http else 0
+
+    def agent_stats(self) -> dict[str, dict[str, int]]:
+        """Each registered agent's counters, as it last published them at its heartbeat (so up to
+        one ``heartbeat_sec`` old): agent id -> ``{"tasks_claimed", "claims" (claim round trips,
+        one per batch), "runner_restarts", "heartbeats"}``. One pipelined read; {} before start."""
+        if self.redis is None:
+            return {}
+        agents = [a.decode() for a in self.redis.zrange(key_for("agents"), 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for agent in agents:
+            pipe.hgetall(key_for("agent_stats", agent))
+        return {agent: {k.decode(): int(v) for k, v in found.items()}
+                for agent, found in zip(agents, pipe.execute(), strict=True) if found}
 
     @property
     def client_config(self) -> dict[str, Any]:

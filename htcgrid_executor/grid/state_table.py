@@ -14,6 +14,8 @@ Layout (prefix ``htcgrid:``; data-plane keys are bare, as a deployment writes th
 - ``listener:<lid>`` stream: every change (processing and terminal) of that listener's sessions
 - ``queue:<priority>`` list and ``queues`` zset of priorities; ``leases`` zset tid -> expiry ms
 - ``agents`` zset agent -> registration expiry; ``agent:<id>:cancelled`` list; ``doorbell`` list
+- ``agent:<id>:stats`` hash: the agent's counters (tasks claimed, claims, runner restarts,
+  heartbeats), written at its heartbeat, expiring when the agent is gone (see ``agent.py``)
 - ``swept_ms`` string: Redis time of the TTL checker's last sweep (a long gap means a stall)
 
 A terminal task's hash is deleted at once (its outcome lives in the session's stream), and a
@@ -41,7 +43,7 @@ MAX_PRIORITY = 1_000_000
 
 def key_for(kind: str, name: str = "") -> str:
     """The control-plane key of ``kind`` ('task', 'session', 'session_events', 'listener',
-    'queue', 'agent_cancelled') for ``name``; keys with no name ('queues', 'leases', ...)."""
+    'queue', 'agent_cancelled', 'agent_stats') for ``name``; keys with no name ('queues', 'leases', ...)."""
     return {
         "task": f"{PREFIX}task:{name}",
         "session": f"{PREFIX}session:{name}",
@@ -49,6 +51,7 @@ def key_for(kind: str, name: str = "") -> str:
         "listener": f"{PREFIX}listener:{name}",
         "queue": f"{PREFIX}queue:{name}",
         "agent_cancelled": f"{PREFIX}agent:{name}:cancelled",
+        "agent_stats": f"{PREFIX}agent:{name}:stats",
         "queues": f"{PREFIX}queues",
         "leases": f"{PREFIX}leases",
         "agents": f"{PREFIX}agents",

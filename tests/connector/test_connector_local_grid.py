@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector, ResultBatch
-from htcgrid_executor.errors import AuthenticationError, BadRequestError
+from htcgrid_executor.errors import AuthenticationError, BadRequestError, GridUnavailableError
 from htcgrid_executor.grid import LocalGrid
 
 pytestmark = pytest.mark.timeout(120)
@@ -250,3 +251,41 @@ def test_any_json_task_round_trips(echo_conn: AWSConnector, tasks: list[Any]) ->
     result = echo_conn.get_results(answer, timeout_sec=60)
     assert result["finished"] == answer["task_ids"]
     assert [json.loads(text) for text in result["finished_OUTPUT"]] == tasks
+
+
+def test_stats_count_what_the_connector_and_the_agents_did(grid: LocalGrid) -> None:
+    with AWSConnector(grid.client_config) as conn:
+        assert conn.stats()["round_trips"] == 0
+        agents_before = sum(s["tasks_claimed"] for s in grid.agent_stats().values())
+        answer = conn.send([{"n": i} for i in range(10)])
+        result = conn.get_results(answer)
+        assert len(result["finished"]) == 10
+        stats = conn.stats()
+        routes = stats["http_requests_by_route"]
+        assert routes["/submit"] == 1 and routes["/result"] == stats["polls"] >= 1
+        assert stats["long_polls"] == stats["polls"]  # get_results waits on the grid, never spins
+        assert stats["http_requests"] == sum(routes.values()) == stats["http_round_trips"]
+        assert stats["retries"] == 0
+        assert stats["dataplane_calls"] == 2  # one batched write of the inputs, one read of the outputs
+        assert stats["round_trips"] == stats["http_round_trips"] + stats["dataplane_calls"]
+        assert stats["dataplane_bytes_sent"] > 10 and stats["dataplane_bytes_received"] > 10
+        assert stats["bytes_sent"] > 0 and stats["bytes_received"] > 0
+
+    # a control plane nobody answers at: every attempt is a round trip, every repeat a retry
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    with AWSConnector({**grid.client_config, "private_api_gateway_url": f"http://127.0.0.1:{dead_port}"}) as dead:
+        dead.transport.max_attempts, dead.transport.backoff_sec = 3, 0.001
+        with pytest.raises(GridUnavailableError):
+            dead.poll_session(answer["session_id"])
+        failed = dead.stats()
+        assert failed["http_requests"] == 1 and failed["http_round_trips"] == 3 and failed["retries"] == 2
+
+    # the agents publish their counters at their heartbeat (every second)
+    deadline = time.monotonic() + 10
+    while sum(s["tasks_claimed"] for s in grid.agent_stats().values()) < agents_before + 10:
+        assert time.monotonic() < deadline, grid.agent_stats()
+        time.sleep(0.1)
+    for counters in grid.agent_stats().values():
+        assert counters["heartbeats"] >= 1 and counters["claims"] <= counters["tasks_claimed"]

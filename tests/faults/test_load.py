@@ -71,6 +71,7 @@ def test_100_sessions_from_threads_and_processes_50000_tasks_bounded_memory_noth
         make_grid, tmp_path, figures):
     grid = make_grid(workers=2, retention_sec=5.0)  # outlives the run: keys gone were deleted by clients
     config = grid.write_client_config(tmp_path / "client.json")
+    wait_for(lambda: len(grid.agent_stats()) == 2)  # each agent's counters hash is one key that stays
     baseline_keys = grid.redis.dbsize()
     baseline_memory = grid.redis.info("memory")["used_memory"]
     watcher = SessionWatcher(grid)
