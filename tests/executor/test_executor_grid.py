@@ -367,10 +367,14 @@ def test_a_client_without_the_secret_cannot_submit_calls(grid):
 # ------------------------------------------------------------------------------ sessions, attach
 
 
-def test_collected_sessions_are_deleted_from_the_data_plane(grid):
+def test_collected_sessions_are_deleted_from_the_data_plane(grid, tmp_path):
+    gate = tmp_path / "gate"
     with HTCGridExecutor(config=grid.client_config) as executor:
-        futures = [executor.submit(square, i) for i in range(20)]
+        # the calls wait for the gate: a session collected before sessions() is read would be
+        # missing from the records
+        futures = [executor.submit(wait_for_file_then_return, str(gate), i * i) for i in range(20)]
         records = executor.sessions()
+        gate.touch()
         assert [f.result(timeout=T) for f in futures] == [i * i for i in range(20)]
     task_ids = [tid for r in records for tid in r["task_ids"]]
     assert task_ids
