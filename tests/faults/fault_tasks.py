@@ -17,6 +17,14 @@ def square(x):
     return x * x
 
 
+def gated_square(gate, x, timeout=60.0):
+    """``x * x`` once the file ``gate`` exists: a load test holds its sessions in flight with it."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return x * x
+
+
 def logged_square(log, x):
     """``x * x``, leaving one line per execution in ``log`` (appends of a short line are atomic)."""
     with open(log, "a") as handle:

@@ -44,17 +44,22 @@ class SessionWatcher(threading.Thread):
             self.peak_running = max(self.peak_running, running)
 
 
-def _thread_client(grid, sessions: int, per_session: int, errors: list, counts: list) -> None:
-    """Send every session first (so they are all in flight together), then collect each."""
+def _thread_client(grid, sessions: int, per_session: int, errors: list, counts: list,
+                   gate: str, all_sent: threading.Barrier) -> None:
+    """Send every session first, then collect each. The calls wait for ``gate``, which the test
+    opens once every thread has sent (``all_sent``): all the sessions are in flight together,
+    however fast the agents are."""
     try:
         key = grid.payload_signing_key
-        fn = pickle_function(fault_tasks.square, key)
+        fn = pickle_function(fault_tasks.gated_square, key)
         with AWSConnector(grid.client_config) as connector:
             sent = []
             for s in range(sessions):
                 base = s * per_session
-                sent.append((base, connector.send([make_task(fn, pickle_args(fault_tasks.square, (base + i,), {}, key))
-                                                   for i in range(per_session)])))
+                sent.append((base, connector.send([
+                    make_task(fn, pickle_args(fault_tasks.gated_square, (gate, base + i), {}, key))
+                    for i in range(per_session)])))
+            all_sent.wait(timeout=60)
             for base, response in sent:
                 answer = connector.get_results(response, timeout_sec=60)
                 values = [decode_output(text, key) for text in answer["finished_OUTPUT"]]
@@ -62,6 +67,7 @@ def _thread_client(grid, sessions: int, per_session: int, errors: list, counts: 
                 counts.append(sum(1 for got, want in zip(values, expected, strict=False) if got == want))
                 connector.delete_session_data(response)
     except BaseException as exc:  # reported to the test thread
+        all_sent.abort()  # the test thread opens the gate at once
         errors.append(exc)
 
 
@@ -84,10 +90,20 @@ def test_100_sessions_from_threads_and_processes_50000_tasks_bounded_memory_noth
     # 5 threads: each a connector sending 10 sessions of 500 tasks
     errors: list[BaseException] = []
     counts: list[int] = []
-    threads = [threading.Thread(target=_thread_client, args=(grid, 10, 500, errors, counts)) for _ in range(5)]
+    gate = tmp_path / "gate"
+    all_sent = threading.Barrier(6)  # the 5 threads and this one
+    threads = [threading.Thread(target=_thread_client, args=(grid, 10, 500, errors, counts, str(gate), all_sent))
+               for _ in range(5)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
+    try:
+        all_sent.wait(timeout=60)
+        time.sleep(0.2)  # a few of the watcher's samples while all 50 are held
+    except threading.BrokenBarrierError:
+        pass  # a thread failed: its error is asserted below
+    finally:
+        gate.touch()
     for thread in threads:
         thread.join(120)
     reports = []
