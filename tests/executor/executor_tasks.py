@@ -51,6 +51,15 @@ def start_and_sleep(marker, seconds, value=None):
     return value
 
 
+def start_and_wait_for_file(marker, gate, timeout=30.0):
+    """Say "I started" with a file, then wait for ``gate``: holds a worker busy until the test
+    has queued what it needs, however slow the machine."""
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + timeout
+    while not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def sleep_then_write(path, seconds):
     """Write ``path`` after sleeping: if the file appears, the call was not stopped."""
     time.sleep(seconds)

@@ -14,7 +14,7 @@ from executor_tasks import (
     sleep_return,
     sleep_then_write,
     square,
-    start_and_sleep,
+    start_and_wait_for_file,
 )
 
 from htcgrid_executor import wire
@@ -36,13 +36,15 @@ def wait_until(predicate, timeout=15.0):
 
 def test_a_higher_priority_view_runs_first(grid_executor, tmp_path):
     markers = [tmp_path / f"busy-{i}" for i in range(2)]  # both agents busy while we queue
-    busy = [grid_executor.submit(start_and_sleep, str(m), 1.0) for m in markers]
+    gate = tmp_path / "gate"
+    busy = [grid_executor.submit(start_and_wait_for_file, str(m), str(gate)) for m in markers]
     wait_until(lambda: all(m.exists() for m in markers) and all(f.running() for f in busy))
     order = tmp_path / "order"
     urgent = grid_executor.options(priority=10)
     low = [grid_executor.submit(record_start, str(order), "low") for _ in range(2)]
     high = [urgent.submit(record_start, str(order), "high") for _ in range(2)]
-    grid_executor.sessions(flush=True, timeout=T)  # all queued before an agent is free
+    grid_executor.sessions(flush=True, timeout=T)  # all sent, so queued, before an agent is free
+    gate.touch()
     wait(busy + low + high, timeout=T)
     assert order.read_text().split()[:2] == ["high", "high"]
     assert urgent.task_options.priority == 10 and grid_executor.options().task_options.priority == 0
