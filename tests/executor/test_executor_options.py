@@ -46,7 +46,12 @@ def test_a_higher_priority_view_runs_first(grid_executor, tmp_path):
     grid_executor.sessions(flush=True, timeout=T)  # all sent, so queued, before an agent is free
     gate.touch()
     wait(busy + low + high, timeout=T)
-    assert order.read_text().split()[:2] == ["high", "high"]
+    started = order.read_text().split()
+    # the urgent calls are claimed first (in submission order the low ones would be), so the
+    # first call to start is one of them; after it the order is the agents' race (an agent may
+    # claim both urgent calls at once while the other starts a low one)
+    assert sorted(started) == ["high", "high", "low", "low"]
+    assert started[0] == "high", started
     assert urgent.task_options.priority == 10 and grid_executor.options().task_options.priority == 0
 
 
