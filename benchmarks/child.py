@@ -345,6 +345,23 @@ def _scale(ex, items: int, chunksize: int, buffersize: int) -> dict[str, Any]:
     }
 
 
+def _measure(section: str, ex: Any, p: dict[str, Any], workers: int, budget: float) -> dict[str, Any]:
+    """One section's figures on the warm executor ``ex``."""
+    if section in ("map_c1", "map_c100"):
+        return _map_throughput(ex, p["items"], 1 if section == "map_c1" else 100, p["repeats"])
+    if section == "latency":
+        return _latency(ex, p["n"], p["max_s"], p["repeats"])
+    if section == "busy":
+        return _busy_map(ex, p["items"], p["repeats"])
+    if section == "sleep10":
+        return _sleep10(ex, p["n"], workers, p["repeats"])
+    if section == "outstanding":
+        return _outstanding(ex, p["n"], workers, budget)
+    if section == "scale":
+        return _scale(ex, p["items"], p["chunksize"], p["buffersize"])
+    raise ValueError(f"unknown section {section!r}")
+
+
 def _run(args: argparse.Namespace, proto: _Protocol) -> None:
     params = json.loads(args.params)
     budgets = json.loads(args.budgets)
@@ -388,22 +405,7 @@ def _run(args: argparse.Namespace, proto: _Protocol) -> None:
             cpu_before = process_cpu(name)
             before = instruments.snapshot()
             try:
-                if section == "map_c1":
-                    data = _map_throughput(ex, p["items"], 1, p["repeats"])
-                elif section == "map_c100":
-                    data = _map_throughput(ex, p["items"], 100, p["repeats"])
-                elif section == "latency":
-                    data = _latency(ex, p["n"], p["max_s"], p["repeats"])
-                elif section == "busy":
-                    data = _busy_map(ex, p["items"], p["repeats"])
-                elif section == "sleep10":
-                    data = _sleep10(ex, p["n"], workers, p["repeats"])
-                elif section == "outstanding":
-                    data = _outstanding(ex, p["n"], workers, budgets.get(section, 120))
-                elif section == "scale":
-                    data = _scale(ex, p["items"], p["chunksize"], p["buffersize"])
-                else:
-                    raise ValueError(f"unknown section {section!r}")
+                data = _measure(section, ex, p, workers, budgets.get(section, 120))
             except Exception as exc:
                 spy.stop()
                 proto.send(event="error", section=section, error=f"{type(exc).__name__}: {exc}",

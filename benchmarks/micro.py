@@ -35,24 +35,20 @@ def _us(fn, number: int) -> float:
 
 def measure(workers: int = 1) -> list[tuple[str, str, float]]:
     """(layer, operation, µs) rows."""
+    from htcgrid_executor.codec import decode_output, make_task, pickle_chunk, pickle_function, seal_task
     from htcgrid_executor.grid import LocalGrid
     from htcgrid_executor.payload import dumps_signed, loads_signed, new_signing_key
-    from htcgrid_executor.wire import decode_output as wire_decode_output
-    from htcgrid_executor.wire import decode_task, encode_output, encode_task
-    from htcgrid_executor.worker import (
-        decode_output,
-        lambda_handler,
-        make_task,
-        pickle_chunk,
-        pickle_function,
-    )
+    from htcgrid_executor.wire import decode_output_text, decode_task, encode_output, encode_task
+    from htcgrid_executor.worker import lambda_handler
 
     rows: list[tuple[str, str, float]] = []
     key = new_signing_key()
     fn_blob = pickle_function(tasks.noop, key)
 
     def client_encode() -> bytes:
-        return encode_task(make_task(fn_blob, pickle_chunk(tasks.noop, [(1,)], key), mode="map"))
+        # as a client and its connector do it: pickled, sealed for its task id, encoded
+        return encode_task(seal_task(make_task(fn_blob, pickle_chunk(tasks.noop, [(1,)], key), mode="map"),
+                                     "s_0", key))
 
     raw_input = client_encode()
     import os
@@ -64,7 +60,7 @@ def measure(workers: int = 1) -> list[tuple[str, str, float]]:
     result = lambda_handler(event)
     output = encode_output(json.dumps(result))
 
-    rows.append(("client codec", "pickle_chunk + make_task + encode_task (one 1-item chunk)", _us(client_encode, 5000)))
+    rows.append(("client codec", "pickle_chunk + make_task + seal_task + encode_task (one 1-item chunk)", _us(client_encode, 5000)))
     rows.append(("client codec", "dumps_signed(1) alone (cloudpickle + HMAC + base64)",
                  _us(lambda: dumps_signed(1, key), 5000)))
     rows.append(("runner codec", "decode_task (base64 + JSON)", _us(lambda: decode_task(raw_input), 5000)))
@@ -73,7 +69,7 @@ def measure(workers: int = 1) -> list[tuple[str, str, float]]:
     rows.append(("runner codec", "json.dumps(envelope) + encode_output",
                  _us(lambda: encode_output(json.dumps(result)), 5000)))
     rows.append(("client codec", "decode output (base64, JSON, loads_signed)",
-                 _us(lambda: decode_output(wire_decode_output(output), key), 5000)))
+                 _us(lambda: decode_output(decode_output_text(output), key), 5000)))
     rows.append(("payload", "loads_signed of a small blob (HMAC check + unpickle)",
                  _us(lambda: loads_signed(fn_blob, key), 5000)))
     rows.append(("futures", "concurrent.futures.Future()", _us(Future, 20000)))

@@ -28,6 +28,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from .launch import run_child
+
 __all__ = ["SpySession", "fold", "profile_htcgrid", "profile_markdown", "process_cpu", "LAYERS"]
 
 ENV = "BENCH_PYSPY_DIR"
@@ -38,11 +40,13 @@ LAYERS = (
     ("htcgrid_executor/executor", "executor"),
     ("htcgrid_executor/connector", "connector"),
     ("htcgrid_executor/grid/http_api", "grid: HTTP routes"),
+    ("htcgrid_executor/grid/routes", "grid: HTTP routes"),
     ("htcgrid_executor/grid/state_table", "grid: state table"),
     ("htcgrid_executor/grid/agent", "grid: agent"),
     ("htcgrid_executor/grid/", "grid: other"),
     ("htcgrid_executor/payload", "payload codec"),
     ("htcgrid_executor/wire", "wire codec"),
+    ("htcgrid_executor/codec", "task codec"),
     ("htcgrid_executor/worker", "worker handler"),
     ("htcgrid_executor/", "htcgrid_executor: other"),
     ("cloudpickle", "pickling"),
@@ -139,7 +143,7 @@ def _role(cmd: list[str] | str, is_client: bool, name: str = "", parent: str = "
         return "client"
     rules = (
         ("redis-server", "redis-server"), ("py-spy", "py-spy"), ("resource_tracker", "resource tracker"),
-        ("grid.agent", "agent"), ("popen_loky", "loky worker"), ("semaphore_tracker", "resource tracker"),
+        ("grid.agent", "agent"), ("grid.control_plane", "control plane"), ("popen_loky", "loky worker"), ("semaphore_tracker", "resource tracker"),
     )
     for needle, role in rules:
         if needle in text or name.startswith(needle):
@@ -237,7 +241,6 @@ def _entry_point(parsed: list[re.Match]) -> str:
 
 def profile_htcgrid(cfg, sections=("map_c1", "map_c100", "latency")) -> dict[str, Any]:
     """Run HTCGridExecutor's sections under py-spy; return the folded profiles and CPU per process."""
-    from .run import run_child
 
     exe = Path(sys.executable).parent / "py-spy"
     if not exe.exists() and not shutil.which("py-spy"):

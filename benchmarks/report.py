@@ -242,7 +242,7 @@ def _cpu_table(doc: dict) -> str:
         return "_No CPU figures._\n"
     return ("CPU time (user + system, psutil, 10 ms ticks) per task, in µs, of the client process and "
             "of each of its descendants during the section; a role with ×n sums n processes. The "
-            "local grid's HTTP routes and TTL checker run inside the client process.\n\n"
+            "local grid's HTTP routes and TTL checker run in a process of their own (*control plane*).\n\n"
             "| executor | workload | total µs/task | by process |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
@@ -493,7 +493,9 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         "(`--workers N`, `--quick` for a run under a minute, `--out DIR`, `--only htcgrid,process`, "
         "`--profile`, `--json FILE` for the raw figures; `--help` lists the sizes and bounds). Each "
         "executor runs in its own process with a wall-clock bound per section; `timeout` in a cell "
-        "means the bound passed. `python -m benchmarks.micro` times the layers of one task in isolation.\n",
+        "means the bound passed. `python -m benchmarks.micro` times the layers of one task in isolation; "
+        "`python -m benchmarks.paired OTHER_TREE` runs a short measurement on this checkout and another "
+        "source tree alternately and prints the pairs (for judging a change on a busy machine).\n",
         "## Machine\n",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; {m['os']}\n"
         f"- {m['python']}; {versions}\n"

@@ -14,7 +14,6 @@ entry point, never by the library.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -36,14 +35,16 @@ def _config_path(given: str | None) -> Path:
 
 
 def _read_config(given: str | None) -> dict[str, Any]:
+    from .connector.config import ClientConfig
+
     path = _config_path(given)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"no client config at {path}: start a grid with 'htcgrid-executor grid' or pass --config") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"client config {path} is not JSON: {exc}") from None
+        return ClientConfig.load_file(path)
+    except ConfigurationError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):  # the one case with a CLI-specific hint
+            raise ConfigurationError(
+                f"no client config at {path}: start a grid with 'htcgrid-executor grid' or pass --config") from None
+        raise
 
 
 def _wait_for_signal() -> None:

@@ -1,27 +1,41 @@
-"""The one exception tree of htcgrid_executor.
+"""The one exception tree of htcgrid_executor: one class per condition a user can act on.
 
 ::
 
     GridError                         anything this package raises on purpose
-    ├── ConfigurationError            a client config key is missing or malformed (names the key)
-    ├── ControlPlaneError             the HTTP API answered with an error (status, message)
-    │   ├── AuthenticationError       401/403, wrong credentials, Cognito refused, not authenticated
-    │   │   └── PasswordChangeRequired  Cognito wants the temporary password changed first
-    │   └── BadRequestError           4xx: the grid rejected the request as malformed (names the problem)
-    ├── GridUnavailableError          the control plane or data plane cannot be reached (after retries)
-    ├── StorageError                  the data plane failed a read or write
-    ├── PayloadError                  a call, result or task cannot be encoded or decoded, or is
-    │   │                             too large (also TypeError, as pickling errors are, and ValueError)
-    │   └── SignatureError            a pickled payload's HMAC does not match: it is never unpickled
-    ├── TaskFailedError               the grid marked a task failed (worker lost after its retries,
-    │                                 time limit); ``.reason`` says why
-    ├── RemoteError                   a task raised an exception that could not travel back as itself
-    └── BrokenGridExecutor            (also concurrent.futures.BrokenExecutor) the executor cannot reach
-                                      its grid any more; pending futures fail with it
+    ├── ConfigurationError            raised when a client config key (or config file) is missing
+    │                                 or malformed; the message names the key
+    ├── ControlPlaneError             raised when the HTTP API answers with an error (status, message)
+    │   ├── AuthenticationError       raised when the grid answers 401/403, Cognito refuses the
+    │   │   │                         login, or a call comes before authenticate()
+    │   │   └── PasswordChangeRequired  raised when Cognito wants the temporary password changed
+    │   └── BadRequestError           raised when a request is malformed: the grid answered 4xx, or
+    │                                 the connector refused the argument before sending it (a
+    │                                 ValueError: the same bad id is the same error on either side)
+    ├── ConnectorClosedError          raised when a call is made on a closed AWSConnector (also a
+    │                                 RuntimeError, as a closed file's is a ValueError)
+    ├── GridUnavailableError          raised when the control plane or data plane cannot be
+    │                                 reached, after retries
+    ├── StorageError                  raised when the data plane refuses or fails a read or write
+    │   └── StorageFullError          raised when the grid's Redis refuses writes (OOM, MISCONF)
+    ├── PayloadError                  raised when a call, result or task cannot be encoded or
+    │   │                             decoded, or is too large (also TypeError, as pickling
+    │   │                             errors are, and ValueError)
+    │   └── SignatureError            raised when a pickled payload's HMAC does not match: it is
+    │                                 never unpickled
+    ├── TaskFailedError               set on a future when the grid marked its task failed (worker
+    │                                 lost after its retries, time limit); ``.reason`` says why
+    ├── RemoteError                   set on a future when its task raised an exception that could
+    │                                 not travel back as itself
+    └── BrokenGridExecutor            raised when the executor cannot reach its grid any more (also
+                                      concurrent.futures.BrokenExecutor); pending futures fail with it
 
-Builtin ``TimeoutError`` and ``concurrent.futures.CancelledError`` are used as they are.
-Errors from lower layers (redis, botocore, requests) are translated at the layer boundary
-with ``raise X from exc`` so the original stays visible as ``__cause__``.
+Local argument errors that name no grid request (a wrong type, a bad count) are plain
+``TypeError``/``ValueError``. Builtin ``TimeoutError`` and ``concurrent.futures.CancelledError``
+are used as they are. Errors from lower layers (redis, botocore, urllib3) are translated at the
+layer boundary, each backend by one context manager (``dataplane._redis_errors``,
+``dataplane._s3_errors``, ``auth._cognito_errors``, ``transport._urllib3_errors``), with the
+original kept as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ __all__ = [
     "AuthenticationError",
     "PasswordChangeRequired",
     "BadRequestError",
+    "ConnectorClosedError",
     "GridUnavailableError",
     "StorageError",
     "StorageFullError",
@@ -76,7 +91,14 @@ class PasswordChangeRequired(AuthenticationError):
 
 
 class BadRequestError(ControlPlaneError, ValueError):
-    """The grid rejected a request as malformed (HTTP 4xx other than auth); message says why."""
+    """A request is malformed; the message says why. Raised for a 4xx answer other than auth
+    (``status`` the HTTP status), and by the connector for an argument the grid would reject
+    (an id that is not one, a submission response of the wrong shape; ``status`` None)."""
+
+
+class ConnectorClosedError(GridError, RuntimeError):
+    """A call was made on an :class:`~htcgrid_executor.connector.AWSConnector` after its
+    ``close()`` (or on its transport, when ``close()`` ran during the call)."""
 
 
 class GridUnavailableError(GridError, ConnectionError):

@@ -2,22 +2,22 @@
 
 Data flow::
 
-    submit(fn, *a) ─▶ pickle in the caller (fails here if it cannot) ─▶ buffer
-        ─▶ htcgrid-sender: one connector.send() per batch (a session; listener = this executor)
+    submit(fn, *a) ─▶ pickle in the caller (fails here if it cannot) ─▶ call table (_call_table.py)
+        ─▶ htcgrid-sender (_sender.py): one connector.send() per batch (a session; listener = this executor)
         ─▶ grid: agents run htcgrid_executor.worker.lambda_handler on each task
-        ─▶ htcgrid-poller: connector.poll_listener() long polls ─▶ Future.set_result / set_exception
+        ─▶ htcgrid-poller (_poller.py): connector.poll_listener() long polls ─▶ Future.set_result / set_exception
         ─▶ session fully collected ─▶ htcgrid-sender: connector.delete_session_data()
 
-One grid task per ``submit`` and per ``map`` chunk. Both threads reach the executor only through a
-weak reference (see ``_sessions.py``).
+One grid task per ``submit`` and per ``map`` chunk (``_map.py``). The executor is the composition
+root: it builds the connector (``_connect.py``; the interface it relies on is
+``_connector_protocol.GridConnector``), the call table and both threads, and calls the table's
+methods only. Both threads reach the executor only through a weak reference (``_lifecycle.py``).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import itertools
 import json
+import math
 import os
 import secrets
 import threading
@@ -27,37 +27,27 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from . import _sessions
-from ._sessions import _Call, _Core
-from .errors import (
-    AuthenticationError,
-    BrokenGridExecutor,
-    ConfigurationError,
-    ControlPlaneError,
-    GridUnavailableError,
-    PayloadError,
-    StorageError,
-)
-from .options import DEFAULT_RETRY_COUNT, TaskOptions
+from . import _lifecycle
+from ._call_table import _CallTable
+from ._calls import _Call
+from ._connect import close_opened, open_grid, payload_limit, task_bindings
+from ._connector_protocol import GridConnector
+from ._deployment import _DeploymentTraits
+from ._map import map_on_grid
+from ._poller import _PollerThread
+from ._sender import _SenderThread
+from ._shares import SharedHandle, _SharedObjects
+from ._view import ExecutorView, _Tracker
+from .backoff import spend_until
+from .codec import check_task_size, make_task, pickle_args, pickle_function, recorded_bindings
+from .errors import ConfigurationError, PayloadError
+from .options import DEFAULT_PRIORITY, DEFAULT_RETRY_COUNT, DEFAULT_TASK_TIMEOUT_SEC, KEEP, TaskOptions
 from .payload import dumps_signed
-from .wire import DEFAULT_MAX_PAYLOAD_BYTES, encoded_size, new_session_id, shared_key
-from .worker import (
-    SHARED_CONTEXT_PREFIX,
-    _shared_object,
-    check_task_size,
-    make_task,
-    pickle_args,
-    pickle_chunk,
-    pickle_function,
-)
-from .worker_guard import guard_location
+from .wire import encoded_size
 
 __all__ = ["HTCGridExecutor", "ExecutorView", "SharedHandle"]
 
 T = TypeVar("T")
-
-_ENQUEUE_GROUP = 256  # map: calls handed to the sender per lock acquisition
-_UNSET: Any = object()  # options(): an option not given keeps the executor's
 
 
 class HTCGridExecutor(Executor):
@@ -98,8 +88,14 @@ class HTCGridExecutor(Executor):
     calls submitted while a send is under way go together in the next one. ``batch_window`` (s)
     makes it wait that long after the first buffered call for more.
 
-    ``broken_after_sec``: if the grid cannot be reached for that long, every pending future fails
-    with ``BrokenGridExecutor`` and the executor refuses new work.
+    ``broken_after_sec``: a deadline (positive seconds; ``ValueError``/``TypeError`` otherwise). Once
+    the grid has not answered for that long (unreachable, 5xx answers, or silence on an open
+    connection), every pending future fails with ``BrokenGridExecutor``, the executor refuses new
+    work and its threads end. It is the one budget of every layer under the executor: the
+    transport's and the data plane's retries and socket timeouts stop when it is spent, so a
+    pending future waits about ``broken_after_sec`` at most after the grid went (the streak starts
+    when the first failed call began). A single call with no answer within it counts as the grid
+    not answering; cancellations, clean-ups and ``shutdown()`` give up within it too.
 
     ``max_payload_bytes``: the most bytes one task (a call's or a map chunk's function and
     arguments) or one result may take in the grid's data plane, where pickles travel encoded
@@ -130,94 +126,61 @@ class HTCGridExecutor(Executor):
         self,
         max_workers: int | None = None,
         *,
-        connector: Any = None,
+        connector: GridConnector | None = None,
         config: dict[str, Any] | str | os.PathLike[str] | None = None,
         mp_context: Any = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
-        priority: int = 0,
-        task_timeout_sec: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        task_timeout_sec: float | None = DEFAULT_TASK_TIMEOUT_SEC,
         retry_count: int | None = DEFAULT_RETRY_COUNT,
         batch_size: int = 1000,
         batch_window: float = 0.0,
         broken_after_sec: float = 60.0,
         max_payload_bytes: int | None = None,
     ) -> None:
-        if max_payload_bytes is not None and (
-                isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int)
-                or max_payload_bytes <= 0):
-            raise ValueError("max_payload_bytes must be a positive integer or None")
-        if max_workers is not None and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int):
-                raise TypeError("max_tasks_per_child must be an integer")
-            if max_tasks_per_child <= 0:
-                raise ValueError("max_tasks_per_child must be >= 1")
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if batch_window < 0:
-            raise ValueError("batch_window must be >= 0")
+        _check_pool_arguments(max_workers, initializer, max_tasks_per_child, max_payload_bytes)
+        _check_batching(batch_size, batch_window)
+        _check_deadline(broken_after_sec)
         if connector is not None and config is not None:
             raise ValueError("pass connector= or config=, not both")
         options = TaskOptions(priority=priority, task_timeout_sec=task_timeout_sec, retry_count=retry_count)
         del mp_context  # accepted for drop-in compatibility: a grid starts no local process
+        self._options = options  # what submit and map send with; a view's calls carry their own
         self._max_workers = max_workers
-        # the tasks of this executor share their script's globals in each runner (see worker._Scope)
+        # the tasks of this executor share their script's globals in each runner (see worker_scope.Scope)
         self._scope = secrets.token_hex(8)
-
-        grid = None
-        owns_connector = connector is None
-        if connector is None:
-            from .connector import AWSConnector  # the HTTP/Redis/S3 stack loads only when used
-
-            if config is None:
-                from .grid import LocalGrid
-
-                grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child,
-                                 max_payload_bytes=max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES)
-                grid.start()
-                config = grid.client_config
-            try:
-                connector = AWSConnector(_load_config(config))
-                connector.authenticate()
-                if grid is None:  # a grid started elsewhere: is it there?
-                    _check_reachable(connector)
-            except BaseException:
-                if grid is not None:
-                    grid.stop()
-                raise
+        connector, grid, owns_connector = open_grid(connector, config, max_workers=max_workers,
+                                                    max_tasks_per_child=max_tasks_per_child,
+                                                    max_payload_bytes=max_payload_bytes)
+        # what this executor built or was given, held here (the composition root); the sender
+        # closes an owned connector and stops the grid once the work is done
+        self._connector: GridConnector = connector
+        self._grid = grid
         try:
-            # the smaller of the caller's limit and the one the grid states (a LocalGrid does)
-            stated = (getattr(connector, "client_config", None) or {}).get("max_payload_bytes")
-            limits = [n for n in (max_payload_bytes, stated) if isinstance(n, int) and n > 0]
-            self._max_payload = min(limits) if limits else DEFAULT_MAX_PAYLOAD_BYTES
-            key = getattr(connector, "payload_signing_key", None)
-            self._init_blob: str | None = None
-            if initializer is not None:
-                if key is None:
-                    raise ConfigurationError(_NO_KEY)
-                try:
-                    self._init_blob = dumps_signed((initializer, tuple(initargs)), key)
-                except PayloadError as exc:
-                    raise PayloadError(f"cannot pickle the initializer or its initargs: {exc.__cause__}") from exc
-            self._core = _Core(
-                self, connector, owns_connector=owns_connector, grid=grid, signing_key=key,
-                options=options, batch_size=batch_size,
-                batch_window=batch_window, broken_after_sec=broken_after_sec,
-            )
+            self._max_payload = payload_limit(connector, max_payload_bytes)
+            self._signing_key: str | None = connector.payload_signing_key
+            self._init_blob = _pickle_initializer(initializer, initargs, self._signing_key)
+            self._traits = _DeploymentTraits(connector, options)  # may warn: keep it in __init__
+            self._table = _CallTable(connector.new_listener_id(), options, deployment=self._traits.deployment,
+                                     batch_size=batch_size, batch_window=batch_window)
+            self._shares = _SharedObjects(connector)
+            self._broken_after_sec = broken_after_sec
+            self._threads = self._make_threads(owns_connector, broken_after_sec)
         except BaseException:
-            if owns_connector:
-                connector.close()
-            if grid is not None:
-                grid.stop()
+            close_opened(connector, owns_connector, grid)
             raise
-        self._core.start()
+        _lifecycle.start(self._table, self._threads)
+
+    def _make_threads(self, owns_connector: bool, broken_after_sec: float) -> tuple[threading.Thread, ...]:
+        owner = weakref.ref(self)  # the threads must not keep the executor alive
+        owned = _lifecycle._Owned(self._shares, self._connector, owns_connector, self._grid, broken_after_sec)
+        args = (owner, self._table, self._connector, self._traits, self._signing_key, broken_after_sec)
+        return (_SenderThread(*args, owned), _PollerThread(*args))
 
     # ---- submitting ---------------------------------------------------------------------------
+
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` on the grid and return its Future at once.
@@ -228,24 +191,18 @@ class HTCGridExecutor(Executor):
         The Future's result is the call's return value; its exception is the one the call raised,
         of the same type, with the remote traceback as ``__cause__``.
         """
-        return self._submit(self._core.options, fn, args, kwargs)
+        return self._submit(self._options, fn, args, kwargs)
 
     def _submit(self, options: TaskOptions, fn: Callable[..., T], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Future[T]:
-        self._check_open()
-        core = self._core
-        key = self._key()
-        cache = core.fn_cache  # the sender swaps in a new dict per batch: pickled once per batch
-        entry = cache.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            fn_blob = entry[1]
-        else:
-            fn_blob = pickle_function(fn, key, self._scope)
-            cache[id(fn)] = (fn, fn_blob)  # holding fn keeps its id from being reused
-        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key), init_blob=self._init_blob,
+        table = self._table
+        table.check_open()
+        key = self._require_key()
+        fn_blob = table.function_blob(fn, lambda: self._pickle_function(fn, key))
+        task = make_task(fn_blob, pickle_args(fn, args, kwargs, key, in_memory=True), init_blob=self._init_blob,
                          scope=self._scope, limit=self._max_payload)
         size = check_task_size(task, self._max_payload, fn)
-        return self._enqueue([_Call(core, task, raw=False, size=size, options=options)])[0]
+        return table.enqueue([self._new_call(task, size, options)])[0]
 
     def submit_task(self, task: dict[str, Any]) -> Future[Any]:
         """Send a plain HTC-Grid task dict, as it is, to the grid's worker function.
@@ -255,7 +212,7 @@ class HTCGridExecutor(Executor):
         document (``errorMessage``/``errorType``) raises ``RemoteError``. Raises ``PayloadError``
         here if ``task`` is not JSON-serialisable.
         """
-        self._check_open()
+        self._table.check_open()
         try:
             text = json.dumps(task, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -264,7 +221,7 @@ class HTCGridExecutor(Executor):
         if size > self._max_payload:
             raise PayloadError(f"the task is too large for the grid: {size:,} bytes in the data plane, over "
                                f"the limit of {self._max_payload:,} bytes (max_payload_bytes)")
-        return self._enqueue([_Call(self._core, json.loads(text), raw=True, size=size)])[0]
+        return self._table.enqueue([_Call(self._table, json.loads(text), raw=True, size=size)])[0]
 
     def map(
         self,
@@ -287,97 +244,15 @@ class HTCGridExecutor(Executor):
         call where its result would be; either way, and when it is closed early, the tasks not yet
         started are cancelled. ``fn`` is pickled once for the whole map.
         """
-        return self._map(self._core.options, None, fn, iterables, timeout, chunksize, buffersize)
+        return self._map(self._options, None, fn, iterables, timeout, chunksize, buffersize)
 
     def _map(self, options: TaskOptions, tracker: _Tracker | None, fn: Callable[..., T],
              iterables: tuple[Iterable[Any], ...], timeout: float | None, chunksize: int | None,
              buffersize: int | None) -> Iterator[T]:
-        if chunksize is not None and chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        if buffersize is not None and not isinstance(buffersize, int):
-            raise TypeError("buffersize must be an integer or None")
-        if buffersize is not None and buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-        end_time = None if timeout is None else timeout + time.monotonic()
-        self._check_open()
-        key = self._key()
-        fn_blob = pickle_function(fn, key, self._scope)
-        items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
-        if chunksize is None:
-            if self._core.deployment and buffersize is None:
-                everything = list(items)  # submitted at once anyway: its length sizes the chunks
-                chunksize = self._core.auto_chunksize(len(everything), self._max_workers, options)
-                items = iter(everything)
-            else:
-                chunksize = self._core.auto_chunksize(None, self._max_workers, options)
-        chunks = _batched(items, chunksize)
+        return map_on_grid(self, options, tracker, fn, iterables, timeout, chunksize, buffersize)
 
-        def make_call(executor: HTCGridExecutor, chunk: list[tuple[Any, ...]]) -> _Call:
-            blob = pickle_chunk(fn, chunk, key)
-            task = make_task(fn_blob, blob, mode="map", init_blob=executor._init_blob, scope=executor._scope,
-                             limit=executor._max_payload)
-            if executor._core.deployment:
-                task["calls"] = len(chunk)  # the guard reports the time per call
-            size = check_task_size(task, executor._max_payload, fn)
-            return _Call(executor._core, task, raw=False, size=size, options=options)
-
-        def enqueue(executor: HTCGridExecutor, calls: list[_Call]) -> list[Future[list[T]]]:
-            futures = executor._enqueue(calls)
-            if tracker is not None:
-                tracker.add(futures)
-            return futures
-
-        fs: collections.deque[Future[list[T]]] = collections.deque()
-        try:
-            source = chunks if buffersize is None else itertools.islice(chunks, buffersize)
-            group: list[_Call] = []
-            for chunk in source:
-                group.append(make_call(self, chunk))
-                if len(group) >= _ENQUEUE_GROUP:
-                    fs.extend(enqueue(self, group))
-                    group = []
-            if group:
-                fs.extend(enqueue(self, group))
-        except BaseException:
-            for future in fs:  # do not leave half a map running unseen
-                future.cancel()
-            raise
-
-        # a weak reference: the iterator must not keep the executor alive (as in Python 3.14)
-        executor_ref = weakref.ref(self)
-
-        def refill() -> Future[list[T]] | None:
-            executor = executor_ref()
-            if executor is None:
-                return None
-            chunk = next(chunks, None)
-            if chunk is None:
-                return None
-            return enqueue(executor, [make_call(executor, chunk)])[0]
-
-        def result_iterator() -> Iterator[T]:
-            try:
-                fs.reverse()  # pop() from the right gives input order
-                while fs:
-                    if buffersize:
-                        future = refill()
-                        if future is not None:
-                            fs.appendleft(future)
-                    if end_time is None:
-                        results = _result_or_cancel(fs.pop())
-                    else:
-                        results = _result_or_cancel(fs.pop(), end_time - time.monotonic())
-                    results.reverse()
-                    while results:
-                        yield results.pop()
-            finally:
-                for future in fs:
-                    future.cancel()
-
-        return result_iterator()
-
-    def options(self, *, priority: int = _UNSET, task_timeout_sec: float | None = _UNSET,
-                retry_count: int | None = _UNSET) -> ExecutorView:
+    def options(self, *, priority: int = KEEP, task_timeout_sec: float | None = KEEP,
+                retry_count: int | None = KEEP) -> ExecutorView:
         """A view of this executor whose ``submit`` and ``map`` send calls with these grid options
         (an option not given keeps this executor's; ``None`` for ``task_timeout_sec`` or
         ``retry_count`` means the grid's default, as in the constructor).
@@ -388,9 +263,9 @@ class HTCGridExecutor(Executor):
         session). It is a plain ``concurrent.futures.Executor`` to code that takes one. Cheap: make
         one per call site if you like. Raises ``TypeError``/``ValueError`` naming a bad option.
         """
-        changes = {name: value for name, value in (("priority", priority), ("task_timeout_sec", task_timeout_sec),
-                                                    ("retry_count", retry_count)) if value is not _UNSET}
-        return ExecutorView(self, self._core.options.replace(**changes))
+        changed = self._options.replace(priority=priority, task_timeout_sec=task_timeout_sec,
+                                              retry_count=retry_count)
+        return ExecutorView(self, changed)
 
     def share(self, obj: Any) -> SharedHandle:
         """Store ``obj`` once in the grid's data plane; return a handle that tasks use instead.
@@ -409,22 +284,8 @@ class HTCGridExecutor(Executor):
         ``PayloadError`` if ``obj`` cannot be pickled or is over ``max_payload_bytes``,
         ``RuntimeError`` after shutdown, and the data plane's errors.
         """
-        self._check_open()
-        key = self._key()
-        share_id = new_session_id()
-        try:
-            blob = dumps_signed(obj, key, SHARED_CONTEXT_PREFIX + share_id)
-        except PayloadError as exc:
-            raise PayloadError(f"cannot pickle the shared object: {exc.__cause__}") from exc.__cause__
-        if len(blob) > self._max_payload:
-            raise PayloadError(f"the shared object is too large for the grid: {len(blob):,} bytes in the data "
-                               f"plane, over the limit of {self._max_payload:,} bytes (max_payload_bytes)")
-        core = self._core
-        location = guard_location(core.connector.config) if core.deployment else {"store": "GRID"}
-        core.connector.store.put_many({shared_key(share_id): blob.encode()})
-        with core.lock:
-            core.shares.add(share_id)
-        return SharedHandle(core, share_id, location)
+        self._table.check_open()
+        return self._shares.put(obj, self._require_key(), self._max_payload, self._traits.deployment)
 
     # ---- stopping -------------------------------------------------------------------------------
 
@@ -440,9 +301,12 @@ class HTCGridExecutor(Executor):
         on the grid. Without them, work already submitted still runs to the end. Called from a
         done callback (they run in the executor's poller thread) it cannot wait, and does not.
         """
-        self._core.request_stop(cancel_futures=cancel_futures, kill_running=kill_running)
+        begun = self._connector.mark_cancelled_unless_started if self._traits.guard is not None else None
+        # (begun reads the grid in this thread: on a lost grid, no longer than broken_after_sec)
+        with spend_until(time.monotonic() + self._broken_after_sec):
+            self._table.request_stop(cancel_futures=cancel_futures, kill_running=kill_running, begun=begun)
         if wait:
-            self._core.join()
+            _lifecycle.join(self._threads)
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
         """``shutdown(wait=True)``, as the stdlib's; leaving on ``KeyboardInterrupt`` (Ctrl-C) also
@@ -456,33 +320,35 @@ class HTCGridExecutor(Executor):
         """Stop the tasks whose futures are running (the grid reported them processing): their
         runners are killed and their futures raise ``CancelledError``. Pending work continues.
         Returns how many tasks were asked to stop."""
-        return self._core.kill_running()
+        return self._table.kill_running()
 
     # ---- crash recovery -------------------------------------------------------------------------
 
     def sessions(self, *, flush: bool = True, timeout: float | None = None) -> list[dict[str, Any]]:
         """Records of the sessions sent and not yet fully collected, to store for :meth:`attach`.
 
-        Each record is JSON-safe: ``{"session_id", "task_ids", "listener"}``. With ``flush`` this
-        first waits (up to ``timeout`` s, else ``TimeoutError``) until every call submitted so far
-        has been sent, so that the records cover them.
+        Each record is JSON-safe: ``{"session_id", "task_ids", "listener", "bindings"}``;
+        ``bindings`` holds, per task, the digest its output must be signed for (None for a raw
+        task or one collected already): keep records where the data plane's writers cannot change
+        them. With ``flush`` this first waits (up to ``timeout`` s, else ``TimeoutError``) until
+        every call submitted so far has been sent, so that the records cover them.
         """
         if flush:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._core.unsent():
-                if self._core.broken is not None:
+            while self._table.unsent():
+                if self._table.is_broken():
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("calls are still waiting to be sent")
                 time.sleep(0.002)
-        return self._core.outstanding_sessions()
+        return self._table.outstanding_sessions()
 
     @classmethod
     def attach(
         cls,
         sessions: Iterable[dict[str, Any]],
         *,
-        connector: Any = None,
+        connector: GridConnector | None = None,
         config: dict[str, Any] | str | os.PathLike[str] | None = None,
         broken_after_sec: float = 60.0,
     ) -> list[Future[Any]]:
@@ -495,224 +361,88 @@ class HTCGridExecutor(Executor):
         A session the grid does not know fails its futures at once with ``BadRequestError``; one
         the first client had fully collected had its data deleted, so its futures raise
         ``TaskFailedError`` (output missing). Collected sessions' data is deleted from the grid,
-        as the original client would have done.
+        as the original client would have done. An output is checked against the binding its
+        record holds (an output made for another task or another call raises ``SignatureError``);
+        a task whose record holds none is checked against its input in the data plane.
         """
         if connector is None and config is None:
             raise ValueError("attach needs the grid the sessions were sent to: pass connector= or config=")
         executor = cls(connector=connector, config=config, broken_after_sec=broken_after_sec)
-        futures = executor._core.adopt(list(sessions))
+        records = list(sessions)
+        bindings = recorded_bindings(records)  # what the client kept; the inputs for the rest
+        bindings.update(task_bindings(executor._connector, [tid for record in records for tid in record["task_ids"]
+                                                            if tid not in bindings]))
+        futures = executor._table.adopt(records, bindings)
         executor.shutdown(wait=False)  # its threads stop once these futures are resolved
         return futures
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        """Raise if no new work is accepted; the core's lock is held by the caller or not needed."""
-        core = self._core
-        if core.broken is not None:
-            raise BrokenGridExecutor(str(core.broken)) from core.broken.__cause__
-        if core.shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if _sessions._global_shutdown:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+    def _new_call(self, task: dict[str, Any], size: int, options: TaskOptions) -> _Call:
+        return _Call(self._table, task, raw=False, size=size, options=options)
 
-    def _enqueue(self, calls: list[_Call]) -> list[Future[Any]]:
-        core = self._core
-        with core.lock:
-            # checked again under the lock: shutdown() may have run since the caller's check
-            self._check_open()
-            core.enqueue(calls)
-        return [call.future for call in calls]
+    def _pickle_function(self, fn: Callable[..., Any], key: str) -> str:
+        # the one place a call's function is pickled (tests count the calls here)
+        return pickle_function(fn, key, self._scope)
 
-    def _key(self) -> str:
-        key = self._core.key
+    def _in_own_thread(self) -> bool:
+        """True in the executor's sender or poller (where done callbacks run): no waiting there."""
+        return threading.current_thread() in self._threads
+
+    def _require_key(self) -> str:
+        key = self._signing_key
         if key is None:
             raise ConfigurationError(_NO_KEY)
         return key
 
 
-class SharedHandle:
-    """An object stored once in the grid's data plane by :meth:`HTCGridExecutor.share`.
-
-    In a task (an argument, or a global or closure of its function) it unpickles to the shared
-    object, loaded once per worker process. ``release()`` deletes it from the data plane (also
-    on leaving ``with handle:``); repeatable. A released handle can no longer be sent
-    (``PayloadError`` at ``submit``/``map``).
-    """
-
-    __slots__ = ("share_id", "_location", "_core", "_released", "__weakref__")
-
-    def __init__(self, core: _Core, share_id: str, location: dict[str, Any]) -> None:
-        self.share_id = share_id
-        self._location = location
-        self._core = core
-        self._released = False
-
-    def __reduce__(self) -> tuple[Any, tuple[str, dict[str, Any]]]:
-        if self._released:
-            raise ValueError(f"shared object {self.share_id} was released")
-        return _shared_object, (self.share_id, self._location)
-
-    @property
-    def released(self) -> bool:
-        """True once the object was deleted from the data plane (release, or shutdown)."""
-        return self._released or self.share_id not in self._core.shares
-
-    def release(self) -> None:
-        """Delete the object from the data plane now. Raises the data plane's errors."""
-        if self._released:
-            return
-        self._released = True
-        self._core.release_shares([self.share_id])
-
-    def __enter__(self) -> SharedHandle:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"<SharedHandle {self.share_id}{' (released)' if self.released else ''}>"
+def _check_pool_arguments(max_workers: int | None, initializer: Callable[..., object] | None,
+                          max_tasks_per_child: int | None, max_payload_bytes: int | None) -> None:
+    """``ProcessPoolExecutor``'s checks and messages, and ``max_payload_bytes``'."""
+    if max_payload_bytes is not None and (
+            isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes <= 0):
+        raise ValueError("max_payload_bytes must be a positive integer or None")
+    if max_workers is not None and max_workers <= 0:
+        raise ValueError("max_workers must be greater than 0")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    if max_tasks_per_child is not None:
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
 
 
-class _Tracker:
-    """The futures a view handed out that are not done yet: what its ``shutdown`` waits for or
-    cancels. Holds no reference to the executor (a map's iterator keeps one)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pending: set[Future[Any]] = set()
-
-    def add(self, futures: list[Future[Any]]) -> None:
-        with self.lock:
-            self.pending.update(futures)
-        for future in futures:  # outside the lock: a done future calls back at once
-            future.add_done_callback(self._discard)
-
-    def _discard(self, future: Future[Any]) -> None:
-        with self.lock:
-            self.pending.discard(future)
-
-    def snapshot(self) -> list[Future[Any]]:
-        with self.lock:
-            return list(self.pending)
+def _check_batching(batch_size: int, batch_window: float) -> None:
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if batch_window < 0:
+        raise ValueError("batch_window must be >= 0")
 
 
-class ExecutorView(Executor):
-    """What :meth:`HTCGridExecutor.options` returns: an ``Executor`` whose ``submit`` and ``map``
-    run on its parent executor with other grid options (:attr:`task_options`).
+def _check_deadline(broken_after_sec: float) -> None:
+    if isinstance(broken_after_sec, bool) or not isinstance(broken_after_sec, (int, float)):
+        raise TypeError(f"broken_after_sec must be a number of seconds, got {broken_after_sec!r}")
+    if not (broken_after_sec > 0 and math.isfinite(broken_after_sec)):
+        raise ValueError(f"broken_after_sec must be a positive, finite number of seconds, got {broken_after_sec!r}")
 
-    A view owns nothing: its ``shutdown()`` (and leaving ``with view:``) never shuts the parent
-    down. It stops the view taking new work (``RuntimeError`` then, as after any shutdown),
-    with ``cancel_futures`` cancels the view's calls that have not started, and with ``wait``
-    (the default) waits until every call made through the view is done, as a pool would. The
-    parent's shutdown ends the view's work as it ends its own; the view then refuses new work
-    too. Calls through a view count as the parent's everywhere else (``sessions()``,
-    ``kill_running()``, ``shutdown(cancel_futures=True)``).
-    """
 
-    def __init__(self, parent: HTCGridExecutor, options: TaskOptions) -> None:
-        if parent._core.deployment:  # what a deployment cannot keep, said as for the executor's own
-            _sessions._warn_once_about_deployment(False, options.retry_count)
-        self._parent = parent
-        self._tracker = _Tracker()
-        self._closed = False
-        #: the options this view's calls are sent with
-        self.task_options = options
+def _pickle_initializer(initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
+                        key: str | None) -> str | None:
+    """``(initializer, initargs)`` signed for the workers, or None without an initializer."""
+    if initializer is None:
+        return None
+    if key is None:
+        raise ConfigurationError(_NO_KEY)
+    try:
+        return dumps_signed((initializer, tuple(initargs)), key)
+    except PayloadError as exc:
+        raise PayloadError(f"cannot pickle the initializer or its initargs: {exc.__cause__}") from exc
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """As :meth:`HTCGridExecutor.submit`, with this view's options."""
-        self._check_open()
-        future = self._parent._submit(self.task_options, fn, args, kwargs)
-        self._tracker.add([future])
-        return future
-
-    def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int | None = None, buffersize: int | None = None) -> Iterator[T]:
-        """As :meth:`HTCGridExecutor.map`, with this view's options."""
-        self._check_open()
-        return self._parent._map(self.task_options, self._tracker, fn, iterables, timeout, chunksize, buffersize)
-
-    def options(self, *, priority: int = _UNSET, task_timeout_sec: float | None = _UNSET,
-                retry_count: int | None = _UNSET) -> ExecutorView:
-        """Another view of the same executor: this view's options with these changed."""
-        changes = {name: value for name, value in (("priority", priority), ("task_timeout_sec", task_timeout_sec),
-                                                    ("retry_count", retry_count)) if value is not _UNSET}
-        return ExecutorView(self._parent, self.task_options.replace(**changes))
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new work through this view (the parent goes on); ``cancel_futures`` cancels the
-        view's calls not yet started; ``wait`` blocks until all its calls are done (except when
-        called from a done callback, which runs in the executor's poller: it cannot wait there,
-        and does not, as the executor's own shutdown). Repeatable."""
-        self._closed = True
-        if cancel_futures:
-            for future in self._tracker.snapshot():
-                future.cancel()
-        if wait and threading.current_thread() not in self._parent._core.threads:
-            concurrent.futures.wait(self._tracker.snapshot())
-
-    def __repr__(self) -> str:
-        return f"<ExecutorView of {self._parent!r} with {self.task_options}>"
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("cannot schedule new futures after this view's shutdown")
 
 
 _NO_KEY = (
     "payload_signing_key is not in the client config: pickled calls must be signed with the grid "
     "secret its workers hold in HTCGRID_PAYLOAD_KEY (raw tasks, submit_task, need none)"
 )
-
-
-_PROBE_SESSION = "00000000-0000-0000-0000-000000000000"  # a session id no grid hands out
-
-
-def _check_reachable(connector: Any) -> None:
-    """Fail at construction, naming the address tried, when the grid's control plane or data
-    plane does not answer: else the first call would learn it only ``broken_after_sec`` later.
-    One cheap read of each (with the connector's own few quick retries)."""
-    try:
-        connector.poll_session(_PROBE_SESSION, after=_sessions._FAR_CURSOR)
-    except AuthenticationError:
-        raise  # wrong credentials: better said now than at the first call
-    except ControlPlaneError:
-        pass  # an answer all the same (a 404 here; a deployment's 542): the control plane is there
-    except GridUnavailableError as exc:
-        url = getattr(connector.config, "api_url", "?")
-        raise GridUnavailableError(f"the grid's control plane at {url} does not answer (is the grid "
-                                   f"running?): {exc}") from exc
-    try:
-        connector.store.get_many([f"{_PROBE_SESSION}_0-output"])
-    except (GridUnavailableError, StorageError) as exc:
-        raise GridUnavailableError(f"the grid's data plane ({connector.store!r}) does not answer: {exc}") from exc
-
-
-def _result_or_cancel(future: Future[T], timeout: float | None = None) -> T:
-    try:
-        try:
-            return future.result(timeout)
-        finally:
-            future.cancel()
-    finally:
-        del future  # break a reference cycle with the exception in future._exception
-
-
-def _batched(iterable: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
-    # itertools.batched is 3.12+; lists, because the worker gets a list of argument tuples
-    while chunk := list(itertools.islice(iterable, n)):
-        yield chunk
-
-
-def _load_config(config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
-    if isinstance(config, dict):
-        return dict(config)
-    try:
-        with open(config, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read the client config file {os.fspath(config)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigurationError(f"client config file {os.fspath(config)!r} does not hold a JSON object")
-    return data

@@ -14,12 +14,27 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TaskOptions", "DEFAULT_RETRY_COUNT", "MAX_PRIORITY"]
+__all__ = ["TaskOptions", "DEFAULT_PRIORITY", "DEFAULT_TASK_TIMEOUT_SEC", "DEFAULT_RETRY_COUNT", "MAX_PRIORITY",
+           "KEEP"]
 
+# The defaults of an executor's tasks, spelt here only (HTCGridExecutor's signature reads them).
+#: queued tasks of equal priority run in submission order
+DEFAULT_PRIORITY = 0
+#: None: the grid's own limit (3600 s on HTC-Grid)
+DEFAULT_TASK_TIMEOUT_SEC: float | None = None
 #: retries of a task whose worker was lost, by default, for an executor's tasks (see HTCGridExecutor)
 DEFAULT_RETRY_COUNT = 2
 #: the largest ``abs(priority)`` a grid of this package queues (its state table's limit)
 MAX_PRIORITY = 1_000_000
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: ``replace()``/``options()``: an option given this value keeps its current one
+KEEP: Any = _Keep()
 
 
 @dataclass(frozen=True)
@@ -34,8 +49,8 @@ class TaskOptions:
     ``ValueError`` for one out of range, naming the option.
     """
 
-    priority: int = 0
-    task_timeout_sec: float | None = None
+    priority: int = DEFAULT_PRIORITY
+    task_timeout_sec: float | None = DEFAULT_TASK_TIMEOUT_SEC
     retry_count: int | None = DEFAULT_RETRY_COUNT
 
     def __post_init__(self) -> None:
@@ -56,15 +71,11 @@ class TaskOptions:
                 raise ValueError(f"retry_count must be >= 0, got {retries}")
 
     def replace(self, **changes: Any) -> TaskOptions:
-        """A copy with ``changes`` (option names as keywords), validated; an unknown name raises
-        ``TypeError`` naming it."""
+        """A copy with ``changes`` (option names as keywords), validated; a value :data:`KEEP`
+        keeps this one's; an unknown name raises ``TypeError`` naming it."""
+        changes = {name: value for name, value in changes.items() if value is not KEEP}
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise TypeError(f"unknown task option(s) {', '.join(unknown)}: the options are {', '.join(sorted(known))}")
         return dataclasses.replace(self, **changes)
-
-    def send_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of ``AWSConnector.send`` that carry these options."""
-        return {"priority": self.priority, "task_timeout_sec": self.task_timeout_sec,
-                "retry_count": self.retry_count}

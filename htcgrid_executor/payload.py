@@ -5,7 +5,10 @@ with the grid's secret (``payload_signing_key`` in the client config, ``HTCGRID_
 worker's environment). Anyone who can write to the data plane but does not hold the secret
 cannot get code run by an agent or by a client.
 
-Format of a signed blob, as text: ``v1.<urlsafe-b64 hmac>.<standard-b64 pickle>``.
+Format of a signed blob, as text: ``v1.<urlsafe-b64 hmac>.<standard-b64 pickle>``. In memory a
+blob is a :class:`SignedPickle` (the MAC and the pickle's bytes, no base64): the text is made only
+for the JSON wire format of a deployment; the local grid's raw inputs and outputs carry the bytes
+(:func:`htcgrid_executor.wire.encode_raw`). The MAC is the same either way: it covers the bytes.
 """
 
 from __future__ import annotations
@@ -22,13 +25,63 @@ import cloudpickle
 
 from .errors import PayloadError, SignatureError
 
-__all__ = ["PAYLOAD_KEY_ENV", "new_signing_key", "signing_key_from_env", "dumps_signed", "loads_signed",
-           "sign_bytes", "verify_bytes"]
+__all__ = ["PAYLOAD_KEY_ENV", "SignedPickle", "new_signing_key", "signing_key_from_env", "dumps_signed",
+           "pickle_signed", "loads_signed", "sign_bytes", "verify_bytes"]
 
 #: environment variable through which agents and deployed workers receive the grid secret
 PAYLOAD_KEY_ENV = "HTCGRID_PAYLOAD_KEY"
 
 _PREFIX = "v1."
+
+
+class SignedPickle:
+    """A signed pickle in memory: its HMAC (``mac``, 32 bytes) and the pickle (``data``: bytes, or
+    a memoryview into a raw input, never copied). Equal (and hashed) by both. :meth:`text` is the
+    blob's text form, the only one the JSON wire format knows."""
+
+    __slots__ = ("mac", "data")
+
+    def __init__(self, mac: bytes, data: bytes | memoryview) -> None:
+        self.mac = mac
+        self.data = data
+
+    @classmethod
+    def from_text(cls, text: str) -> SignedPickle:
+        """The blob whose :meth:`text` is ``text`` (nothing verified). Raises PayloadError when
+        ``text`` is not a signed blob."""
+        if not isinstance(text, str) or not text.startswith(_PREFIX):
+            raise PayloadError("payload is not a signed htcgrid_executor blob")
+        try:
+            mac_text, data_text = text[len(_PREFIX):].split(".", 1)
+            return cls(base64.urlsafe_b64decode(mac_text), base64.b64decode(data_text, validate=True))
+        except ValueError as exc:
+            raise PayloadError(f"payload is not a signed htcgrid_executor blob: {exc}") from exc
+
+    @property
+    def mac_text(self) -> str:
+        """The MAC as the text form writes it (what a task's binding is made of)."""
+        return base64.urlsafe_b64encode(self.mac).decode()
+
+    def text(self) -> str:
+        return f"{_PREFIX}{self.mac_text}.{base64.b64encode(self.data).decode()}"
+
+    def text_length(self) -> int:
+        """``len(self.text())``, without making it."""
+        return len(_PREFIX) + 44 + 1 + 4 * ((len(self.data) + 2) // 3)
+
+    def detached(self) -> SignedPickle:
+        """This blob with its own copy of the bytes (one kept in a cache must not pin the whole
+        raw input its memoryview points into)."""
+        return self if isinstance(self.data, bytes) else SignedPickle(self.mac, bytes(self.data))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SignedPickle) and self.mac == other.mac and self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.mac, len(self.data)))
+
+    def __repr__(self) -> str:
+        return f"SignedPickle({self.mac_text[:8]}..., {len(self.data):,} bytes)"
 
 
 def new_signing_key() -> str:
@@ -40,47 +93,65 @@ def signing_key_from_env() -> str | None:
     return os.environ.get(PAYLOAD_KEY_ENV) or None
 
 
-def _mac(key: str, data: bytes, context: str = "") -> bytes:
+def _mac(key: str, data: bytes | memoryview, context: str = "") -> bytes:
     # the context (if any) is MACed with the data: a blob signed for one context does not verify
-    # in another ("\n" cannot occur in a context, which is made of base64 text)
-    message = f"{context}\n".encode() + data if context else data
-    return hmac.new(key.encode(), message, hashlib.sha256).digest()
+    # in another ("\n" cannot occur in a context, which is made of base64 text). Fed in two parts:
+    # no copy of a big pickle; OpenSSL hashes it without holding the GIL
+    mac = hmac.new(key.encode(), f"{context}\n".encode() if context else b"", hashlib.sha256)
+    mac.update(data)
+    return mac.digest()
 
 
 def dumps_signed(obj: Any, key: str, context: str = "") -> str:
-    """Pickle ``obj`` with cloudpickle and sign it (for ``context``, see :func:`loads_signed`).
-    Raises PayloadError naming what could not be pickled (the pickler's error is the
-    ``__cause__``)."""
-    try:
-        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # pickling can raise anything a __reduce__ raises
-        raise PayloadError(f"cannot pickle {_describe(obj)}: {exc}") from exc
-    return sign_bytes(data, key, context)
+    """The text form of :func:`pickle_signed`."""
+    return pickle_signed(obj, key, context).text()
+
+
+def pickle_signed(obj: Any, key: str, context: str = "") -> SignedPickle:
+    """Pickle ``obj`` and sign it (for ``context``, see :func:`loads_signed`). Raises PayloadError
+    naming what could not be pickled (the pickler's error is the ``__cause__``).
+
+    Arguments and results are mostly plain data, which the C pickler writes several times faster
+    than cloudpickle (pickling is most of a client's cost per call). Its output is used only when
+    cloudpickle would have written the same thing: it pickled without error (so nothing needed
+    pickling by value: no lambda, closure or dynamic class), it names nothing in ``__main__``
+    (which cloudpickle sends by value, as the worker has another ``__main__``), and no module is
+    registered with ``cloudpickle.register_pickle_by_value``. Otherwise cloudpickle does it.
+    """
+    data = None
+    if not cloudpickle.list_registry_pickle_by_value():
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # anything the C pickler refuses, cloudpickle may do by value
+            data = None
+        else:
+            if b"__main__" in data:
+                data = None
+    if data is None:
+        try:
+            data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # pickling can raise anything a __reduce__ raises
+            raise PayloadError(f"cannot pickle {_describe(obj)}: {exc}") from exc
+    return SignedPickle(_mac(key, data, context), data)
 
 
 def sign_bytes(data: bytes, key: str, context: str = "") -> str:
     """Sign already-pickled ``data``."""
-    mac = base64.urlsafe_b64encode(_mac(key, data, context)).decode()
-    return f"{_PREFIX}{mac}.{base64.b64encode(data).decode()}"
+    return SignedPickle(_mac(key, data, context), data).text()
 
 
-def verify_bytes(text: str, key: str, context: str = "") -> bytes:
-    """The data of a signed blob (:func:`sign_bytes`) once its signature is checked. Raises
-    SignatureError when the HMAC does not match, PayloadError when ``text`` is not a signed blob."""
-    if not isinstance(text, str) or not text.startswith(_PREFIX):
-        raise PayloadError("payload is not a signed htcgrid_executor blob")
-    try:
-        mac_text, data_text = text[len(_PREFIX):].split(".", 1)
-        mac = base64.urlsafe_b64decode(mac_text)
-        data = base64.b64decode(data_text, validate=True)
-    except ValueError as exc:
-        raise PayloadError(f"payload is not a signed htcgrid_executor blob: {exc}") from exc
-    if not hmac.compare_digest(mac, _mac(key, data, context)):
+def verify_bytes(text: str | SignedPickle, key: str, context: str = "") -> bytes | memoryview:
+    """The data of a signed blob (:func:`sign_bytes`, or a :class:`SignedPickle`) once its
+    signature is checked. Raises SignatureError when the HMAC does not match, PayloadError when
+    ``text`` is not a signed blob."""
+    if not isinstance(text, SignedPickle):
+        text = SignedPickle.from_text(text)
+    if not hmac.compare_digest(text.mac, _mac(key, text.data, context)):
         raise SignatureError("payload signature does not match the grid secret; refusing to unpickle it")
-    return data
+    return text.data
 
 
-def loads_signed(text: str, key: str, context: str = "") -> Any:
+def loads_signed(text: str | SignedPickle, key: str, context: str = "") -> Any:
     """Check the signature of ``text`` and only then unpickle it.
 
     ``context``: what the blob was signed for (a task's outputs are signed for that task); a blob

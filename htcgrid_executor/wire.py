@@ -13,6 +13,13 @@ data-plane key                 value
 ``<task_id>-logs``             a task's captured logs, UTF-8 (this package's extension)
 ``<share_id>-shared``          an object shared by reference: its signed pickle (extension)
 =============================  ===================================================
+
+On the embedded local grid, where this package writes and reads both ends, an executor task's
+input and its output go **raw** instead (:func:`encode_raw`): :data:`RAW_MAGIC`, the length of a
+small JSON header, the header (the task or envelope, each signed pickle replaced by its MAC and
+length), then the pickles' bytes. No JSON string of a pickle, no base64: a 200 MB argument is
+200 MB in Redis. The magic's first byte is not base64, so a raw value is never taken for the
+JSON format, which a deployment keeps seeing exactly as above.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import uuid
 from typing import Any
 
 from .errors import PayloadError
+from .payload import SignedPickle
 
 __all__ = [
     "OUTPUT_PLACEHOLDER",
@@ -40,8 +48,14 @@ __all__ = [
     "shared_key",
     "encode_task",
     "decode_task",
+    "RAW_MAGIC",
+    "RawOutput",
+    "encode_raw",
+    "decode_raw",
+    "is_raw",
+    "json_size",
     "encode_output",
-    "decode_output",
+    "decode_output_text",
     "encode_submission",
     "decode_submission",
     "build_submission",
@@ -95,32 +109,50 @@ def session_of(task_id: str) -> str:
     return session_id
 
 
+# The data-plane key suffixes, spelt here only: the grid's Lua and its Redis ACLs are built from them
+INPUT_SUFFIX = "-input"
+OUTPUT_SUFFIX = "-output"
+PAYLOAD_SUFFIX = "-payload"
+LOGS_SUFFIX = "-logs"
+SHARED_SUFFIX = "-shared"
+CANCEL_SUFFIX = "-cancel"  # worker_guard's cancel flag
+RUN_SUFFIX = "-run"  # worker_guard's run marker
+DATA_PLANE_SUFFIXES = (INPUT_SUFFIX, OUTPUT_SUFFIX, PAYLOAD_SUFFIX, LOGS_SUFFIX, SHARED_SUFFIX)
+
+
 def input_key(task_id: str) -> str:
-    return f"{task_id}-input"
+    return task_id + INPUT_SUFFIX
 
 
 def output_key(task_id: str) -> str:
-    return f"{task_id}-output"
+    return task_id + OUTPUT_SUFFIX
 
 
 def payload_key(session_id: str) -> str:
-    return f"{session_id}-payload"
+    return session_id + PAYLOAD_SUFFIX
 
 
 def logs_key(task_id: str) -> str:
     """Where the executor keeps a task's captured logs after deleting its session's data."""
-    return f"{task_id}-logs"
+    return task_id + LOGS_SUFFIX
 
 
 def shared_key(share_id: str) -> str:
     """Where ``HTCGridExecutor.share`` stores an object that tasks load by reference."""
-    return f"{share_id}-shared"
+    return share_id + SHARED_SUFFIX
+
+
+def _blob_text(value: Any) -> str:
+    # json.dumps' default: a signed pickle in memory is written as its text form
+    if isinstance(value, SignedPickle):
+        return value.text()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def encode_task(task: Any) -> bytes:
     """A task dict as ``<task_id>-input`` holds it. Raises PayloadError if it is not JSON."""
     try:
-        text = json.dumps(task, allow_nan=False)
+        text = json.dumps(task, allow_nan=False, default=_blob_text)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
     return base64.b64encode(text.encode())
@@ -131,6 +163,10 @@ def encode_task(task: Any) -> bytes:
 #: that sends more. Executors and grids take a smaller (or, for a Redis configured for it, a
 #: larger) ``max_payload_bytes``.
 DEFAULT_MAX_PAYLOAD_BYTES = 500 * 1024 * 1024
+#: a value over this size is written to, and read from, Redis in pieces of this size (SET then
+#: APPENDs; GETRANGEs): Redis runs one command at a time and copies a piece in milliseconds, so
+#: other clients (the agents' heartbeats among them) are served between the pieces of a 200 MB value
+REDIS_PIECE_BYTES = 32 * 1024 * 1024
 
 
 def encoded_size(json_length: int) -> int:
@@ -140,6 +176,10 @@ def encoded_size(json_length: int) -> int:
 
 
 def decode_task(data: bytes | str) -> Any:
+    """A task from what ``<task_id>-input`` holds: base64 JSON, or a raw input (its signed
+    pickles are then :class:`SignedPickle` views into ``data``). Raises PayloadError."""
+    if is_raw(data):
+        return decode_raw(data)  # type: ignore[arg-type]
     try:
         return json.loads(base64.b64decode(data, validate=True))
     except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -151,11 +191,103 @@ def encode_output(text: str) -> bytes:
     return base64.b64encode(text.encode())
 
 
-def decode_output(data: bytes | str) -> str:
+def decode_output_text(data: bytes | str) -> str:
+    """The worker's response text from what ``<task_id>-output`` holds; for a raw output a
+    :class:`RawOutput` (its header's JSON text, the envelope in ``doc``)."""
+    if is_raw(data):
+        doc = decode_raw(data)  # type: ignore[arg-type]
+        return RawOutput(json.dumps(doc, default=_blob_placeholder), doc)
     try:
         return base64.b64decode(data, validate=True).decode()
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise PayloadError(f"task output is not base64 UTF-8: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------ raw values
+
+#: how a raw input or output starts (then 8 bytes: the header's length, big-endian)
+RAW_MAGIC = b"\x00htcgrid-raw-1\n"
+_BLOB = "$signed"  # a header field that stands for a signed pickle: {"$signed": [mac, length]}
+
+
+def is_raw(data: Any) -> bool:
+    """Whether a data-plane value is a raw input or output (:func:`encode_raw`)."""
+    return isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:len(RAW_MAGIC)]) == RAW_MAGIC
+
+
+def _blob_placeholder(value: Any) -> Any:
+    if isinstance(value, SignedPickle):
+        return {_BLOB: [value.mac_text, len(value.data)]}
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def encode_raw(doc: dict[str, Any]) -> bytes:
+    """A task or an output envelope as a raw data-plane value: the header, then the bytes of its
+    signed pickles (top-level fields only), in the header's order. Raises PayloadError if the
+    rest is not JSON."""
+    try:
+        header = json.dumps(doc, allow_nan=False, default=_blob_placeholder).encode()
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"task is not JSON-serialisable: {exc}") from exc
+    parts = [RAW_MAGIC, len(header).to_bytes(8, "big"), header]
+    parts += [value.data for value in doc.values() if isinstance(value, SignedPickle)]
+    return b"".join(parts)  # the one copy: into the buffer that goes to Redis
+
+
+def decode_raw(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The dict of :func:`encode_raw`, its signed pickles views into ``data`` (not copied, not
+    verified: that is the reader's, before it unpickles). Raises PayloadError when malformed."""
+    view = memoryview(data)
+    start = len(RAW_MAGIC) + 8
+    length = int.from_bytes(view[len(RAW_MAGIC):start], "big")
+    try:
+        doc = json.loads(bytes(view[start:start + length]))
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError(f"raw value has a malformed header: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PayloadError("raw value has a malformed header: not an object")
+    offset = start + length
+    for name, value in doc.items():
+        if isinstance(value, dict) and _BLOB in value:
+            try:
+                mac_text, size = value[_BLOB]
+                mac = base64.urlsafe_b64decode(mac_text)
+            except (TypeError, ValueError) as exc:
+                raise PayloadError(f"raw value has a malformed field {name!r}: {exc}") from exc
+            if not isinstance(size, int) or size < 0 or offset + size > len(view):
+                raise PayloadError(f"raw value is truncated: field {name!r} runs past its end")
+            doc[name] = SignedPickle(mac, view[offset:offset + size])
+            offset += size
+    if offset != len(view):
+        raise PayloadError("raw value has bytes after its last field")
+    return doc
+
+
+class RawOutput(str):
+    """What :func:`decode_output_text` gives for a raw output: the text of its header (the
+    envelope, each pickle as its MAC and length) with the envelope itself in :attr:`doc`."""
+
+    doc: dict[str, Any]
+
+    def __new__(cls, text: str, doc: dict[str, Any]) -> RawOutput:
+        self = super().__new__(cls, text)
+        self.doc = doc
+        return self
+
+
+def json_size(doc: dict[str, Any]) -> int:
+    """``len(json.dumps(doc))`` as the JSON wire format writes it, its signed pickles as text,
+    without copying its long strings. Sizes are counted this way on both formats, so that a call
+    that fits the limit on the local grid fits it on a deployment."""
+    strings = sum(_long_length(v) for v in doc.values())
+    short = {k: ("" if _long_length(v) else v) for k, v in doc.items()}
+    return len(json.dumps(short, default=_blob_text)) + strings
+
+
+def _long_length(value: Any) -> int:
+    if isinstance(value, SignedPickle):
+        return value.text_length()
+    return len(value) if isinstance(value, str) and len(value) > 256 else 0
 
 
 def build_submission(

@@ -46,8 +46,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .backoff import Backoff
 from .errors import ConfigurationError, PayloadError, SignatureError
 from .payload import sign_bytes, signing_key_from_env, verify_bytes
+from .wire import CANCEL_SUFFIX, RUN_SUFFIX
 
 __all__ = [
     "GUARD_FIELD",
@@ -74,11 +76,11 @@ _BEGIN_TRIES = 6  # data-plane errors ridden out before the run marker is taken 
 
 
 def cancel_key(task_id: str) -> str:
-    return f"{task_id}-cancel"
+    return task_id + CANCEL_SUFFIX
 
 
 def run_key(task_id: str) -> str:
-    return f"{task_id}-run"
+    return task_id + RUN_SUFFIX
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,9 +125,10 @@ def _failure(kind: str, message: str, binding: str) -> dict[str, Any]:
     return {"htcgrid_executor": 1, "ok": False, "error": kind, "message": message, "binding": binding}
 
 
-def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]],
+def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any], str | None], dict[str, Any]],
                 binding: str) -> dict[str, Any]:
-    """Run ``run(task)`` (the handler on the task without its guard) under the task's guard.
+    """Run ``run(task, task_id)`` (the handler on the task without its guard, for the task id the
+    guard names) under the task's guard.
 
     Returns the envelope to answer: the run's, or one of the guard's failures (``cancelled``,
     ``duplicate``, ``retries``, ``timeout``; ``signature``/``config`` for a guard that cannot be
@@ -134,7 +137,7 @@ def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str,
     key = signing_key_from_env()
     task = {k: v for k, v in event.items() if k != GUARD_FIELD}
     if key is None:
-        return run(task)  # the handler answers its "config" envelope
+        return run(task, None)  # the handler answers its "config" envelope
     try:
         spec = json.loads(verify_bytes(event[GUARD_FIELD], key, _CONTEXT))
         tid = str(spec["task_id"])
@@ -142,44 +145,17 @@ def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str,
         lease = float(spec.get("lease") or _DEFAULT_LEASE_SEC)
         timeout = spec.get("timeout")
         timeout = None if timeout is None else float(timeout)
+        marks = _marks_for(spec)
     except SignatureError as exc:
         return _failure("signature", f"task guard: {exc}", binding)
-    except (PayloadError, ValueError, KeyError, TypeError) as exc:
-        return _failure("payload", f"malformed task guard: {exc!r}", binding)
-    try:
-        marks = _marks_for(spec)
     except ConfigurationError as exc:
         return _failure("config", str(exc), binding)
+    except (PayloadError, ValueError, KeyError, TypeError) as exc:
+        return _failure("payload", f"malformed task guard: {exc!r}", binding)
     owner = uuid.uuid4().hex
-    failures = 0
-    try:
-        while True:
-            try:
-                verdict, marker = marks.begin(tid, owner, lease, retries + 1)
-            except Exception:
-                # a blip of the data plane (failover, network): worth a few tries before the task
-                # fails; the agent's heartbeat keeps the task ours meanwhile
-                failures += 1
-                if failures >= _BEGIN_TRIES:
-                    raise
-                time.sleep(0.2 * 2 ** failures)
-                continue
-            if verdict == "run":
-                break
-            if verdict == "cancelled":
-                return _failure("cancelled", "the call was cancelled before it started", binding)
-            if verdict == "done":
-                return json.loads(marker["envelope"])
-            if verdict == "collected":
-                return _failure("duplicate", "a duplicate delivery of a call that ran already", binding)
-            if verdict == "exhausted":
-                return _failure("retries", f"its worker was lost in each of its {marker.get('attempt')} "
-                                f"attempt(s); retry_count={retries} allows no more", binding)
-            time.sleep(min(1.0, lease / 6))  # "wait": another run holds a live lease
-    except Exception as exc:  # noqa: BLE001 - redis/boto3 errors: the data plane is unusable
-        return _failure("config", f"task guard: the data plane is unreachable: {type(exc).__name__}: {exc}",
-                        binding)
-
+    refusal = _take_marker(marks, tid, owner, lease, retries, binding)
+    if refusal is not None:
+        return refusal
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(marks, tid, owner, lease, stop),
                                name="htcgrid-guard-lease", daemon=True)
@@ -187,25 +163,65 @@ def run_guarded(event: dict[str, Any], run: Callable[[dict[str, Any]], dict[str,
     started = time.monotonic()
     try:
         with _alarm(timeout):
-            envelope = run(task)
+            envelope = run(task, tid)
     except _TimeLimit:
         envelope = None
     finally:
         stop.set()
         renewer.join()
-    elapsed = time.monotonic() - started
-    interrupted = envelope is None or (isinstance(envelope, dict)
-                                       and str(envelope.get("type", "")).endswith("._TimeLimit"))
-    if timeout is not None and (interrupted or elapsed > timeout):
-        envelope = _failure("timeout", f"the call ran over its time limit of {timeout:g} s", binding)
-    elif isinstance(envelope, dict) and envelope.get("ok"):
-        # last key, read by the client from the output's tail to size map's chunks
-        calls = event.get("calls")
-        envelope["call_sec"] = round(elapsed / (calls if isinstance(calls, int) and calls > 0 else 1), 7)
+    envelope = _timed(envelope, time.monotonic() - started, timeout, event.get("calls"), binding)
     try:
         marks.finish(tid, owner, json.dumps(envelope))
     except Exception:  # noqa: BLE001 - the answer still goes back; a duplicate may run it again
         pass
+    return envelope
+
+
+def _take_marker(marks: Any, tid: str, owner: str, lease: float, retries: int,
+                 binding: str) -> dict[str, Any] | None:
+    """Take the task's run marker (None: run the call), or the envelope to answer instead."""
+    backoff = Backoff(0.4, 6.4, max_retries=_BEGIN_TRIES - 1)  # 0.4 + 0.8 + ... : about 12 s
+    try:
+        while True:
+            try:
+                verdict, marker = marks.begin(tid, owner, lease, retries + 1)
+            except Exception:
+                # a blip of the data plane (failover, network): worth a few tries before the task
+                # fails; the agent's heartbeat keeps the task ours meanwhile
+                if backoff.exhausted:
+                    raise
+                time.sleep(backoff.next_delay())
+                continue
+            if verdict == "run":
+                return None
+            if verdict == "done":
+                return json.loads(marker["envelope"])
+            if verdict != "wait":
+                return _refusal(verdict, marker, retries, binding)
+            time.sleep(min(1.0, lease / 6))  # another run holds a live lease
+    except Exception as exc:  # noqa: BLE001 - redis/boto3 errors: the data plane is unusable
+        return _failure("config", f"task guard: the data plane is unreachable: {type(exc).__name__}: {exc}",
+                        binding)
+
+
+def _refusal(verdict: str, marker: dict[str, Any], retries: int, binding: str) -> dict[str, Any]:
+    if verdict == "cancelled":
+        return _failure("cancelled", "the call was cancelled before it started", binding)
+    if verdict == "collected":
+        return _failure("duplicate", "a duplicate delivery of a call that ran already", binding)
+    return _failure("retries", f"its worker was lost in each of its {marker.get('attempt')} "
+                    f"attempt(s); retry_count={retries} allows no more", binding)
+
+
+def _timed(envelope: Any, elapsed: float, timeout: float | None, calls: Any, binding: str) -> Any:
+    """The run's envelope, or the timeout's; a successful one says the time per call."""
+    interrupted = envelope is None or (isinstance(envelope, dict)
+                                       and str(envelope.get("type", "")).endswith("._TimeLimit"))
+    if timeout is not None and (interrupted or elapsed > timeout):
+        return _failure("timeout", f"the call ran over its time limit of {timeout:g} s", binding)
+    if isinstance(envelope, dict) and envelope.get("ok"):
+        # last key, read by the client from the output's tail to size map's chunks
+        envelope["call_sec"] = round(elapsed / (calls if isinstance(calls, int) and calls > 0 else 1), 7)
     return envelope
 
 
@@ -415,8 +431,15 @@ class _S3Marks:
             if attempt >= attempts:
                 return "exhausted", marker or {}
             new = {"state": "running", "owner": owner, "until": time.time() + lease, "attempt": attempt + 1}
-            if self._put(run_key(tid), new, etag):
+            if not self._put(run_key(tid), new, etag):
+                continue
+            # read the cancel mark again after the marker is written (S3 has no script to do both
+            # at once): a client marks first and reads the markers after, so either it sees this
+            # marker (and keeps the future running) or this read sees its mark
+            if self._get(cancel_key(tid))[0] is None:
                 return "run", new
+            self._end(tid, owner, {"state": "cancelled"})
+            return "cancelled", {}
 
     def renew(self, tid: str, owner: str, lease: float) -> bool:
         marker, etag = self._get(run_key(tid))
@@ -425,11 +448,15 @@ class _S3Marks:
         return self._put(run_key(tid), {**marker, "until": time.time() + lease}, etag)
 
     def finish(self, tid: str, owner: str, envelope: str) -> None:
+        self._end(tid, owner, {"state": "done", "envelope": envelope})
+
+    def _end(self, tid: str, owner: str, final: dict[str, Any]) -> None:
+        """Replace our own running marker by ``final``; a marker another run took over stays."""
         for _ in range(5):
             marker, etag = self._get(run_key(tid))
             if marker is not None and (marker.get("state") != "running" or marker.get("owner") != owner):
                 return
-            if self._put(run_key(tid), {"state": "done", "envelope": envelope}, etag):
+            if self._put(run_key(tid), final, etag):
                 return
 
 

@@ -2,11 +2,17 @@
 
 ::
 
-    AWSConnector (client.py)        send / get_results / poll_* / cancel_* / delete_session_data
-      ├── ClientConfig (config.py)  the client_config_data dict, checked once
+    AWSConnector (client.py)        send / cancel_* / delete_session_data / logs; lifecycle (ConnectorState)
+      ├── arguments.py              ids, submission responses, send's options, checked before sending
+      ├── ResultPolling (polling.py)  get_results / poll_* / session_status: GET /result, outputs read
+      │     ├── results.py          Answer (a /result body, checked), ResultBatch, SessionStatus, seed dict
+      │     └── plain_deployment.py the fallback for a plain HTC-Grid: pacing, what a listener was told
+      ├── ClientConfig (config.py)  the client_config_data dict, checked once; the one file reader
       ├── Auth (auth.py)            Cognito SRP + renewal, or x-api-key (intra-VPC, local grid)
-      ├── HTTPTransport (transport.py)  one pooled session, timeouts, retries, error mapping
-      └── DataPlane (dataplane.py)  RedisStore / S3Store / LayeredStore (S3+REDIS)
+      ├── HTTPTransport (transport.py)  one pooled session, timeouts, retries (backoff.Backoff), error mapping
+      └── DataPlane (dataplane.py)  RedisStore / S3Store / LayeredStore (S3+REDIS), counted (stats.py)
+
+``AWSConnector(config, transport=..., store=...)`` takes injected parts instead of building them.
 """
 
 from __future__ import annotations

@@ -12,13 +12,21 @@ Two modes, as a deployment has them:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import AuthenticationError, ConfigurationError, GridUnavailableError, PasswordChangeRequired
+from ..errors import (
+    AuthenticationError,
+    ConfigurationError,
+    GridError,
+    GridUnavailableError,
+    PasswordChangeRequired,
+)
+from .aws_errors import boto_error_code, boto_error_message
 
 __all__ = ["Auth", "ApiKeyAuth", "CognitoAuth", "RENEW_MARGIN_SEC"]
 
@@ -62,20 +70,54 @@ class ApiKeyAuth(Auth):
         return "ApiKeyAuth(x-api-key=***)"
 
 
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
+@contextlib.contextmanager
+def _cognito_errors(what: str, username: str | None) -> Iterator[None]:
+    """Translate the errors of one pycognito call (``what``: "log in", ...) into the package's tree."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from pycognito.exceptions import ForceChangePasswordException, MFAChallengeException, WarrantException
+
+    try:
+        yield
+    except ForceChangePasswordException as exc:
+        raise PasswordChangeRequired(
+            f"Cognito user {username!r} must change the temporary password before using the "
+            "grid (set a new one with CognitoAuth.set_new_password, the AWS console, or "
+            "'aws cognito-idp admin-set-user-password --permanent')"
+        ) from exc
+    except MFAChallengeException as exc:
+        raise AuthenticationError(
+            f"Cognito asks user {username!r} for multi-factor authentication, which this "
+            "client does not support"
+        ) from exc
+    except WarrantException as exc:  # token verification and other pycognito refusals
+        raise AuthenticationError(f"Cognito: cannot {what}: {exc}") from exc
+    except ClientError as exc:
+        raise _client_error(exc, what, username) from exc
+    except BotoConnectionError as exc:
+        raise GridUnavailableError(f"cannot reach Cognito to {what}: {exc}") from exc
+    except BotoCoreError as exc:  # no region, no credentials config ...
+        raise AuthenticationError(f"Cognito: cannot {what}: {exc}") from exc
+    except OSError as exc:  # requests' ConnectionError fetching the pool's public keys
+        raise GridUnavailableError(f"cannot reach Cognito to {what}: {exc}") from exc
+    except ValueError as exc:  # the pool's public keys were not JSON
+        raise AuthenticationError(f"Cognito: cannot {what}: {exc}") from exc
 
 
-def _error_message(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        message = response.get("Error", {}).get("Message")
-        if message:
-            return str(message)
-    return str(exc)
+def _client_error(exc: BaseException, what: str, username: str | None) -> GridError:
+    code = boto_error_code(exc)
+    if code == "PasswordResetRequiredException":
+        return PasswordChangeRequired(f"Cognito requires user {username!r} to reset the password")
+    if code == "ResourceNotFoundException":
+        return ConfigurationError(
+            "Cognito does not know the user pool or app client: check config keys "
+            f"'user_pool_id' and 'cognito_userpool_client_id' ({boto_error_message(exc)})"
+        )
+    # NotAuthorizedException (wrong password, disabled user, expired refresh token),
+    # UserNotFoundException, UserNotConfirmedException, throttling ...
+    return AuthenticationError(
+        f"Cognito refused to {what} for user {username!r}: {code or 'error'}: {boto_error_message(exc)}"
+    )
 
 
 class CognitoAuth(Auth):
@@ -152,7 +194,8 @@ class CognitoAuth(Auth):
             )
         with self._lock:
             cognito = self._new_cognito()
-            self._call(lambda: cognito.authenticate(password=self._password), "log in")
+            with _cognito_errors("log in", self._username):
+                cognito.authenticate(password=self._password)
             self._cognito = cognito
             self._take_tokens()
         logger.debug("cognito: user %s logged in", self._username)
@@ -162,10 +205,8 @@ class CognitoAuth(Auth):
         ``new_password`` using the current (temporary) password, and log in with it."""
         with self._lock:
             cognito = self._new_cognito()
-            self._call(
-                lambda: cognito.new_password_challenge(password=self._password, new_password=new_password),
-                "set a new password",
-            )
+            with _cognito_errors("set a new password", self._username):
+                cognito.new_password_challenge(password=self._password, new_password=new_password)
             self._password = new_password
             self._cognito = cognito
             self._take_tokens()
@@ -194,18 +235,11 @@ class CognitoAuth(Auth):
                 return False
             return self.id_token != before
 
-    def renew(self) -> None:
-        """Renew the tokens now with REFRESH_TOKEN_AUTH (falls back to a new login with the
-        password when the refresh token itself has expired)."""
-        with self._lock:
-            if self._cognito is None:
-                raise AuthenticationError("not authenticated: call authenticate() first")
-            self._renew_locked()
-
     def _renew_locked(self) -> None:
         cognito = self._cognito
         try:
-            self._call(cognito.renew_access_token, "renew the token")
+            with _cognito_errors("renew the token", self._username):
+                cognito.renew_access_token()
         except PasswordChangeRequired:
             raise
         except AuthenticationError:
@@ -214,7 +248,8 @@ class CognitoAuth(Auth):
                 raise
             logger.debug("cognito: refresh token refused, logging in again as %s", self._username)
             cognito = self._new_cognito()
-            self._call(lambda: cognito.authenticate(password=self._password), "log in")
+            with _cognito_errors("log in", self._username):
+                cognito.authenticate(password=self._password)
             self._cognito = cognito
         self._take_tokens()
         logger.debug("cognito: token of %s renewed", self._username)
@@ -229,49 +264,3 @@ class CognitoAuth(Auth):
             # pycognito always verifies and stores the claims; if that ever changes, assume the
             # documented 60 minutes rather than renewing on every call.
             self.expires_at = self.clock() + 3600
-
-    def _call(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run one pycognito call and translate its errors into the package's tree."""
-        from botocore.exceptions import BotoCoreError, ClientError
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from pycognito.exceptions import ForceChangePasswordException, MFAChallengeException, WarrantException
-
-        try:
-            return fn()
-        except ForceChangePasswordException as exc:
-            raise PasswordChangeRequired(
-                f"Cognito user {self._username!r} must change the temporary password before using the "
-                "grid (set a new one with CognitoAuth.set_new_password, the AWS console, or "
-                "'aws cognito-idp admin-set-user-password --permanent')"
-            ) from exc
-        except MFAChallengeException as exc:
-            raise AuthenticationError(
-                f"Cognito asks user {self._username!r} for multi-factor authentication, which this "
-                "client does not support"
-            ) from exc
-        except WarrantException as exc:  # token verification and other pycognito refusals
-            raise AuthenticationError(f"Cognito: cannot {what}: {exc}") from exc
-        except ClientError as exc:
-            code = _error_code(exc)
-            if code == "PasswordResetRequiredException":
-                raise PasswordChangeRequired(
-                    f"Cognito requires user {self._username!r} to reset the password"
-                ) from exc
-            if code == "ResourceNotFoundException":
-                raise ConfigurationError(
-                    "Cognito does not know the user pool or app client: check config keys "
-                    f"'user_pool_id' and 'cognito_userpool_client_id' ({_error_message(exc)})"
-                ) from exc
-            # NotAuthorizedException (wrong password, disabled user, expired refresh token),
-            # UserNotFoundException, UserNotConfirmedException, throttling ...
-            raise AuthenticationError(
-                f"Cognito refused to {what} for user {self._username!r}: {code or 'error'}: {_error_message(exc)}"
-            ) from exc
-        except BotoConnectionError as exc:
-            raise GridUnavailableError(f"cannot reach Cognito to {what}: {exc}") from exc
-        except BotoCoreError as exc:  # no region, no credentials config ...
-            raise AuthenticationError(f"Cognito: cannot {what}: {exc}") from exc
-        except OSError as exc:  # requests' ConnectionError fetching the pool's public keys
-            raise GridUnavailableError(f"cannot reach Cognito to {what}: {exc}") from exc
-        except ValueError as exc:  # the pool's public keys were not JSON
-            raise AuthenticationError(f"Cognito: cannot {what}: {exc}") from exc

@@ -251,6 +251,7 @@ class ClientConfig:
     @staticmethod
     def load_file(path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Read a JSON config file; ``path`` None means the file named by ``$AGENT_CONFIG_FILE``.
+        The one config-file reader: the connector, the executor's ``config=`` and the CLI use it.
 
         Raises ConfigurationError when no path is given and the variable is unset, when the file
         cannot be read, or when it does not hold a JSON object.

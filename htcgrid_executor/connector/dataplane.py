@@ -17,14 +17,19 @@ Redis refuses writes: OOM, MISCONF), always with the original as ``__cause__``. 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+from ..backoff import time_left
 from ..errors import ConfigurationError, GridUnavailableError, StorageError, StorageFullError
+from ..wire import REDIS_PIECE_BYTES
+from .aws_errors import boto_error_code
 from .config import ClientConfig
+from .redis_budget import within_budget
 
 __all__ = [
     "DataPlane",
@@ -111,19 +116,26 @@ def redis_connection_kwargs(url: str, password: str | None = None) -> dict[str, 
     return kwargs
 
 
-def _redis_error(exc: Exception, what: str) -> Exception:
+@contextlib.contextmanager
+def _redis_errors(what: str) -> Iterator[None]:
+    """Translate redis-py's errors (RedisError and OSError subclasses) of one operation, ``what``
+    ("write 3 keys"), into the package's tree."""
     import redis.exceptions as rex
 
+    try:
+        yield
     # AuthenticationError is a ConnectionError subclass in redis-py: a refused password is not an
     # unreachable server, so it is checked first.
-    if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
-        return StorageError(f"data plane (Redis) refused the credentials while trying to {what}: {exc}")
-    if isinstance(exc, rex.OutOfMemoryError) or str(exc).startswith(("MISCONF ", "OOM ")):
-        return StorageFullError(f"data plane (Redis) refuses writes, full memory or disk, while trying to "
-                                f"{what}: {'OOM ' if isinstance(exc, rex.OutOfMemoryError) else ''}{exc}")
-    if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
-        return GridUnavailableError(f"data plane (Redis) unreachable while trying to {what}: {exc}")
-    return StorageError(f"data plane (Redis) failed to {what}: {exc}")
+    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        raise StorageError(f"data plane (Redis) refused the credentials while trying to {what}: {exc}") from exc
+    except Exception as exc:
+        full = isinstance(exc, rex.OutOfMemoryError)
+        if full or str(exc).startswith(("MISCONF ", "OOM ")):
+            raise StorageFullError(f"data plane (Redis) refuses writes, full memory or disk, while trying to "
+                                   f"{what}: {'OOM ' if full else ''}{exc}") from exc
+        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
+            raise GridUnavailableError(f"data plane (Redis) unreachable while trying to {what}: {exc}") from exc
+        raise StorageError(f"data plane (Redis) failed to {what}: {exc}") from exc
 
 
 class RedisStore(DataPlane):
@@ -132,21 +144,15 @@ class RedisStore(DataPlane):
     def __init__(self, url: str, *, password: str | None = None, socket_timeout: float = 30.0,
                  connect_timeout: float = 10.0) -> None:
         import redis
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
 
         kwargs = redis_connection_kwargs(url, password)
         kwargs.setdefault("socket_timeout", socket_timeout)
         kwargs.setdefault("socket_connect_timeout", connect_timeout)
         # A few quick retries ride out a blip or a failover; redis-py's defaults differ between
-        # versions (none before 6, about 3 s of backoff since), so they are set here.
-        kwargs["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), 3)
-        if kwargs.get("connection_class") is not None:
-            # parse_url gives connection_class for unix:// and rediss://; Redis() wants flags
-            pool = redis.ConnectionPool(**kwargs)
-            self._client = redis.Redis(connection_pool=pool)
-        else:
-            self._client = redis.Redis(**kwargs)
+        # versions (none before 6, about 3 s of backoff since), so they are set here. Retries and
+        # socket timeouts stop at the caller's budget (the executor's broken_after_sec).
+        kwargs = within_budget(kwargs, retries=3)
+        self._client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
         self._where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port', REDIS_DEFAULT_PORT)}"
 
     def __repr__(self) -> str:
@@ -160,8 +166,9 @@ class RedisStore(DataPlane):
     def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
         if not items:
             return
-        pairs = list(items.items())
-        try:
+        pairs = [(k, v) for k, v in items.items() if len(v) <= REDIS_PIECE_BYTES]
+        big = [(k, v) for k, v in items.items() if len(v) > REDIS_PIECE_BYTES]
+        with _redis_errors(f"write {len(items)} keys"):
             pipe = self._client.pipeline(transaction=False)
             if expire_sec is None:
                 for start in range(0, len(pairs), _REDIS_CHUNK):
@@ -169,35 +176,40 @@ class RedisStore(DataPlane):
             else:
                 for key, value in pairs:  # MSET sets no expiry: one SET PX each, same round trip
                     pipe.set(key, value, px=max(1, int(expire_sec * 1000)))
-            pipe.execute()
-        except Exception as exc:  # redis-py raises RedisError and OSError subclasses
-            raise _redis_error(exc, f"write {len(pairs)} keys") from exc
-        logger.debug("redis %s: wrote %d keys", self._where, len(pairs))
+            if pairs:
+                pipe.execute()
+            for key, value in big:  # nobody reads a key before put_many returns (then it is whole)
+                self._put_in_pieces(key, value, expire_sec)
+        logger.debug("redis %s: wrote %d keys", self._where, len(items))
+
+    def _put_in_pieces(self, key: str, value: bytes, expire_sec: float | None) -> None:
+        view = memoryview(value)
+        ttl = {} if expire_sec is None else {"px": max(1, int(expire_sec * 1000))}
+        self._client.set(key, view[:REDIS_PIECE_BYTES], **ttl)
+        for start in range(REDIS_PIECE_BYTES, len(view), REDIS_PIECE_BYTES):
+            # one round trip each: a pipeline would pack every piece into memory at once
+            self._client.append(key, view[start:start + REDIS_PIECE_BYTES])
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = list(keys)
         if not keys:
             return []
-        try:
+        with _redis_errors(f"read {len(keys)} keys"):
             pipe = self._client.pipeline(transaction=False)
             for start in range(0, len(keys), _REDIS_CHUNK):
                 pipe.mget(keys[start:start + _REDIS_CHUNK])
             chunks = pipe.execute()
-        except Exception as exc:
-            raise _redis_error(exc, f"read {len(keys)} keys") from exc
         return [value for chunk in chunks for value in chunk]
 
     def delete_many(self, keys: Iterable[str]) -> None:
         keys = list(keys)
         if not keys:
             return
-        try:
+        with _redis_errors(f"delete {len(keys)} keys"):
             pipe = self._client.pipeline(transaction=False)
             for start in range(0, len(keys), _REDIS_CHUNK):
                 pipe.delete(*keys[start:start + _REDIS_CHUNK])
             pipe.execute()
-        except Exception as exc:
-            raise _redis_error(exc, f"delete {len(keys)} keys") from exc
 
     def close(self) -> None:
         try:
@@ -209,19 +221,20 @@ class RedisStore(DataPlane):
 # ------------------------------------------------------------------------------------------------ S3
 
 
-def _s3_error(exc: Exception, what: str) -> Exception:
+@contextlib.contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Translate botocore's errors of one S3 operation, ``what``, into the package's tree (the
+    package's own errors, raised inside, pass unchanged)."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(exc, (BotoConnectionError, OSError)):
-        return GridUnavailableError(f"data plane (S3) unreachable while trying to {what}: {exc}")
-    return StorageError(f"data plane (S3) failed to {what}: {exc}")
-
-
-def _s3_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
+    try:
+        yield
+    except (GridUnavailableError, StorageError):
+        raise
+    except (BotoConnectionError, OSError) as exc:
+        raise GridUnavailableError(f"data plane (S3) unreachable while trying to {what}: {exc}") from exc
+    except Exception as exc:
+        raise StorageError(f"data plane (S3) failed to {what}: {exc}") from exc
 
 
 class S3Store(DataPlane):
@@ -249,12 +262,17 @@ class S3Store(DataPlane):
         self._lock = threading.Lock()  # guards _pool creation and shutdown
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self._abandoned = False  # a call left running past a budget: close() does not wait for it
 
     def __repr__(self) -> str:
         return f"S3Store(bucket={self.bucket!r})"
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
-        if len(items) == 1:  # no thread hop for the common single-key call
+        """``fn`` over ``items`` on the pool. Inside a caller's budget (``spend_until``: the
+        executor's ``broken_after_sec``) the caller waits no longer than what is left, whatever
+        botocore's own timeouts and retries would take, and gets ``GridUnavailableError``."""
+        left = time_left()
+        if len(items) == 1 and left is None:  # no thread hop for the common single-key call
             return [fn(items[0])]
         with self._lock:
             if self._closed:
@@ -262,7 +280,17 @@ class S3Store(DataPlane):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="htcgrid-s3")
             pool = self._pool
-        return list(pool.map(fn, items))
+        if left is None:
+            return list(pool.map(fn, items))
+        futures = [pool.submit(fn, item) for item in items]
+        done, late = wait(futures, timeout=left)
+        if late:
+            for future in late:
+                future.cancel()  # those not started never start; a started one ends at botocore's limits
+            self._abandoned = True
+            raise GridUnavailableError(f"data plane (S3) bucket {self.bucket!r} did not answer within the "
+                                       f"{left:.1f} s left of the caller's budget")
+        return [future.result() for future in futures]
 
     def _put_one(self, item: tuple[str, bytes]) -> None:
         key, value = item
@@ -277,7 +305,7 @@ class S3Store(DataPlane):
         except Exception as exc:
             # S3 answers AccessDenied, not NoSuchKey, for a missing key when the caller may not
             # list the bucket: that one surfaces as a StorageError naming the cause.
-            if _s3_code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if boto_error_code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
         body = response["Body"]
@@ -289,28 +317,20 @@ class S3Store(DataPlane):
     def put_many(self, items: Mapping[str, bytes], *, expire_sec: float | None = None) -> None:
         if not items:
             return
-        try:
+        with _s3_errors(f"write {len(items)} keys to bucket {self.bucket!r}"):
             self._map(self._put_one, list(items.items()))  # no expiry per object on S3
-        except (GridUnavailableError, StorageError):
-            raise
-        except Exception as exc:
-            raise _s3_error(exc, f"write {len(items)} keys to bucket {self.bucket!r}") from exc
         logger.debug("s3 %s: wrote %d keys", self.bucket, len(items))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = list(keys)
         if not keys:
             return []
-        try:
+        with _s3_errors(f"read {len(keys)} keys from bucket {self.bucket!r}"):
             return self._map(self._get_one, keys)
-        except (GridUnavailableError, StorageError):
-            raise
-        except Exception as exc:
-            raise _s3_error(exc, f"read {len(keys)} keys from bucket {self.bucket!r}") from exc
 
     def delete_many(self, keys: Iterable[str]) -> None:
         keys = list(keys)
-        try:
+        with _s3_errors(f"delete {len(keys)} keys from bucket {self.bucket!r}"):
             for start in range(0, len(keys), _S3_DELETE_CHUNK):
                 chunk = keys[start:start + _S3_DELETE_CHUNK]
                 answer = self._client.delete_objects(
@@ -324,17 +344,14 @@ class S3Store(DataPlane):
                         f"data plane (S3) could not delete {len(errors)} keys from bucket {self.bucket!r}: "
                         f"{first.get('Code')}: {first.get('Message')}"
                     )
-        except (GridUnavailableError, StorageError):
-            raise
-        except Exception as exc:
-            raise _s3_error(exc, f"delete {len(keys)} keys from bucket {self.bucket!r}") from exc
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            # a call abandoned at a caller's deadline ends at botocore's own timeouts, on its thread
+            pool.shutdown(wait=not self._abandoned, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------- layered

@@ -7,14 +7,21 @@ three calls. Proxies from the environment are honoured, except for loopback URLs
 Every route of HTC-Grid takes its input in the query string and answers JSON. This layer knows
 nothing about routes' meaning; the caller says whether a call is safe to repeat.
 
-Retries (with exponential backoff and jitter), only for calls marked ``retry=True``:
+Retries (exponential backoff with jitter, one :class:`~htcgrid_executor.backoff.Backoff` per call),
+only for calls marked ``retry=True``:
 connection failures, read timeouts, and answers 429, 500, 502, 503, 504 (API Gateway answers 502/504
 when it gives up on a function after 29 s while the function runs on). A failed connection attempt
 (nothing sent) is retried for every call.
 
+A call made inside the caller's budget (:func:`~htcgrid_executor.backoff.spend_until`, as the
+executor's threads do with ``broken_after_sec``) spends that budget, not its own: retries stop, and
+each attempt's connect and read timeouts are cut, at what is left of it; once it is spent the
+call raises :class:`GridUnavailableError` without another attempt.
+
 Errors, after retries:
 
 ==============================  ======================================================
+the transport is closed         :class:`ConnectorClosedError` (nothing is sent)
 no answer at all                :class:`GridUnavailableError`
 401, 403                        :class:`AuthenticationError` (after one renewal attempt)
 other 4xx (400, 404, 413, ...)  :class:`BadRequestError` with the server's message
@@ -33,13 +40,15 @@ hundreds of microseconds, the lock well under one.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import ipaddress
 import json
 import logging
-import random
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -52,16 +61,19 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from ..backoff import Backoff, time_left
 from ..errors import (
     AuthenticationError,
     BadRequestError,
+    ConnectorClosedError,
     ControlPlaneError,
+    GridError,
     GridUnavailableError,
     StorageFullError,
 )
 from .auth import Auth
 
-__all__ = ["HTTPTransport", "RETRY_STATUSES", "server_message"]
+__all__ = ["HTTPTransport", "TransportState", "RETRY_STATUSES", "server_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +81,7 @@ logger = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 _MAX_MESSAGE = 1000
+_MIN_ATTEMPT_SEC = 0.01  # less of the caller's budget left than this: no attempt is worth starting
 
 
 def server_message(status: int, text: str, reason: str = "") -> str:
@@ -121,13 +134,87 @@ def _pool_for(base_url: str, pool_size: int) -> urllib3.PoolManager:
     return urllib3.PoolManager(**kwargs)
 
 
+class TransportState(enum.Enum):
+    """An :class:`HTTPTransport`'s lifecycle: OPEN until :meth:`HTTPTransport.close`, then CLOSED
+    for good (a closed transport refuses every call with :class:`ConnectorClosedError`)."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way a retry may cure. ``error`` is what the caller gets once no
+    retry is left; ``always``: nothing reached the server, so even a call unsafe to repeat may."""
+
+    def __init__(self, why: str, error: GridError, *, always: bool = False) -> None:
+        super().__init__(why)
+        self.why = why
+        self.error = error
+        self.always = always
+
+
+class _Rejected(Exception):
+    """The server refused the credentials (401/403); ``error`` is raised unless a renewal helps."""
+
+    def __init__(self, error: AuthenticationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextlib.contextmanager
+def _urllib3_errors(call: str, base_url: str, read_timeout: float | None) -> Iterator[None]:
+    """Translate urllib3's exceptions for one attempt of ``call`` (``"<method> <route>"``): the
+    transient ones into :class:`_Retryable`, the others into :class:`GridUnavailableError`."""
+    try:
+        yield
+    except (ConnectTimeoutError, NewConnectionError) as exc:
+        # no connection was made, so nothing was sent: safe to repeat for every call
+        # (ConnectTimeoutError first: NewConnectionError is one of its subclasses)
+        error = GridUnavailableError(f"{call}: cannot reach the grid at {base_url}: {exc}")
+        error.__cause__ = exc
+        raise _Retryable("cannot connect", error, always=True) from exc
+    except ReadTimeoutError as exc:
+        error = GridUnavailableError(f"{call}: the grid at {base_url} did not answer within {read_timeout:.3g} s")
+        error.__cause__ = exc
+        raise _Retryable("read timeout", error) from exc
+    except ProtocolError as exc:
+        # reset or closed mid-call: the request may have arrived, so only calls safe to repeat
+        # are retried
+        error = GridUnavailableError(f"{call}: cannot reach the grid at {base_url}: {exc}")
+        error.__cause__ = exc
+        raise _Retryable("connection error", error) from exc
+    except HTTPError as exc:
+        raise GridUnavailableError(f"{call}: request to {base_url} failed: {exc}") from exc
+
+
+def _decode_answer(call: str, status: int, data: bytes, reason: str) -> Any:
+    """The JSON of a 2xx answer; for any other status the error of the module docstring's table
+    (as :class:`_Rejected` for 401/403 and :class:`_Retryable` for the retried statuses)."""
+    if 200 <= status < 300:
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ControlPlaneError(f"{call}: the grid's answer is not JSON", status) from exc
+    message = server_message(status, data.decode("utf-8", "replace"), reason)
+    if status in (401, 403):
+        raise _Rejected(AuthenticationError(f"{call}: the grid refused the credentials: {message}", status))
+    if status in RETRY_STATUSES:
+        raise _Retryable(f"HTTP {status}", ControlPlaneError(f"{call}: {message}", status))
+    if 400 <= status < 500:
+        raise BadRequestError(f"{call}: {message}", status)
+    if status == 507:  # the grid's storage refuses writes: no retry helps until space is freed
+        raise StorageFullError(f"{call}: {message}", status)
+    raise ControlPlaneError(f"{call}: {message}", status)
+
+
 class HTTPTransport:
     """Requests to one base URL (an API Gateway stage, or the local grid), through one pooled
     session shared by every thread of the connector.
 
     ``max_attempts`` counts the first try; ``backoff_sec`` doubles per retry up to
-    ``max_backoff_sec``, with jitter. ``read_timeout_sec`` bounds the wait for an answer (a call
-    may add to it: a long poll waits on the server on purpose).
+    ``max_backoff_sec``, with jitter (a :class:`~htcgrid_executor.backoff.Backoff`).
+    ``read_timeout_sec`` bounds the wait for an answer (a call may add to it: a long poll waits
+    on the server on purpose). Hand one to ``AWSConnector(..., transport=...)`` to tune these.
     """
 
     def __init__(
@@ -150,7 +237,13 @@ class HTTPTransport:
         self.backoff_sec = backoff_sec
         self.max_backoff_sec = max_backoff_sec
         self._pool = _pool_for(self.base_url, pool_size)
-        self._closed = False
+        # the host's pool itself: PoolManager.request() parses the URL and looks its pool up
+        # again on every call (~0.1 ms of client CPU a request); through a proxy the manager
+        # must build each request
+        self._host_pool = (None if isinstance(self._pool, urllib3.ProxyManager)
+                           else self._pool.connection_from_url(self.base_url))
+        self._origin_len = len(self.base_url) - len(urlsplit(self.base_url).path)
+        self._state = TransportState.OPEN
         self._counts_lock = threading.Lock()
         self._requests: dict[str, int] = {}  # route -> calls (retries not counted again)
         self._attempts = 0
@@ -170,18 +263,14 @@ class HTTPTransport:
     def __repr__(self) -> str:
         return f"HTTPTransport({self.base_url!r})"
 
+    @property
+    def state(self) -> TransportState:
+        return self._state
+
     def close(self) -> None:
         """Close the pooled connections. Repeatable."""
-        self._closed = True
+        self._state = TransportState.CLOSED
         self._pool.clear()
-
-    def _sleep_before_retry(self, attempt: int, why: str, method: str, route: str) -> None:
-        delay = min(self.max_backoff_sec, self.backoff_sec * (2 ** (attempt - 1)))
-        delay *= 0.5 + random.random() / 2  # jitter: clients retrying together do not stay in step
-        with self._counts_lock:
-            self._retries += 1
-        logger.debug("%s %s: attempt %d failed (%s), retrying in %.2f s", method, route, attempt, why, delay)
-        time.sleep(delay)
 
     def request(
         self,
@@ -193,77 +282,76 @@ class HTTPTransport:
         extra_read_timeout_sec: float = 0.0,
     ) -> Any:
         """Send one call and return its decoded JSON answer. Blocks for the call, its retries and
-        their backoff (bounded: ``max_attempts`` tries, each with its timeouts).
+        their backoff (bounded: ``max_attempts`` tries, each with its timeouts, and never past the
+        caller's budget, :func:`~htcgrid_executor.backoff.spend_until`).
 
-        ``retry``: the call is safe to repeat (see the module docstring). Raises the errors listed
-        in the module docstring.
+        ``retry``: the call is safe to repeat (see the module docstring). Raises
+        :class:`ConnectorClosedError` once closed, and the errors listed in the module docstring.
         """
-        if self._closed:
-            raise GridUnavailableError("connector is closed")
+        if self._state is TransportState.CLOSED:
+            raise ConnectorClosedError("the connector is closed")
         query = urlencode(params)
         url = f"{self.base_url}{route}?{query}"
-        timeout = urllib3.Timeout(connect=self.connect_timeout_sec,
-                                  read=self.read_timeout_sec + max(0.0, extra_read_timeout_sec))
-        attempt = 0
-        renewed = False
+        read_timeout = self.read_timeout_sec + max(0.0, extra_read_timeout_sec)
         sent = len(method) + len(route) + len(query) + 12  # the request line "<method> <route>?<query> HTTP/1.1"
         with self._counts_lock:
             self._requests[route] = self._requests.get(route, 0) + 1
+        backoff = Backoff(self.backoff_sec, max(self.backoff_sec, self.max_backoff_sec), jitter=True,
+                          max_retries=self.max_attempts - 1)
+        renewed = False
+        last: _Retryable | None = None
         while True:
-            attempt += 1
-            headers = self.auth.headers()  # raises AuthenticationError before authenticate()
-            started = time.monotonic()
-            with self._counts_lock:
-                self._attempts += 1
-                self._bytes_sent += sent
+            timeout = self._timeout(read_timeout)
+            if timeout is None:  # the caller's budget is spent: no further attempt
+                if last is not None:
+                    raise last.error from last.error.__cause__
+                raise GridUnavailableError(f"{method} {route}: not sent to {self.base_url}: the caller's "
+                                           "deadline has passed")
             try:
-                response = self._pool.request(method, url, headers=headers, timeout=timeout)
-            except (ConnectTimeoutError, NewConnectionError) as exc:
-                # no connection was made, so nothing was sent: safe to repeat for every call
-                # (ConnectTimeoutError first: NewConnectionError is one of its subclasses)
-                if attempt < self.max_attempts:
-                    self._sleep_before_retry(attempt, "cannot connect", method, route)
-                    continue
-                raise GridUnavailableError(f"{method} {route}: cannot reach the grid at {self.base_url}: {exc}") from exc
-            except ReadTimeoutError as exc:
-                if retry and attempt < self.max_attempts:
-                    self._sleep_before_retry(attempt, "read timeout", method, route)
-                    continue
-                raise GridUnavailableError(
-                    f"{method} {route}: the grid at {self.base_url} did not answer within {timeout.read_timeout:.0f} s"
-                ) from exc
-            except ProtocolError as exc:
-                # reset or closed mid-call: the request may have arrived, so only calls safe to
-                # repeat are retried
-                if retry and attempt < self.max_attempts:
-                    self._sleep_before_retry(attempt, "connection error", method, route)
-                    continue
-                raise GridUnavailableError(f"{method} {route}: cannot reach the grid at {self.base_url}: {exc}") from exc
-            except HTTPError as exc:
-                raise GridUnavailableError(f"{method} {route}: request to {self.base_url} failed: {exc}") from exc
+                return self._attempt(method, route, url, timeout, sent)
+            except _Rejected as rejected:
+                if renewed or not self.auth.on_rejected():
+                    raise rejected.error from None
+                renewed = True  # one more try with new credentials; does not count as a retry
+            except _Retryable as failure:
+                if not (retry or failure.always) or backoff.exhausted:
+                    raise failure.error from failure.error.__cause__
+                last = failure
+                self._wait_before_retry(backoff, failure.why, method, route)
 
-            status = response.status
-            with self._counts_lock:
-                self._bytes_received += len(response.data)
-            logger.debug("%s %s -> %d in %.1f ms", method, route, status,
-                         (time.monotonic() - started) * 1000)
-            if 200 <= status < 300:
-                try:
-                    return json.loads(response.data)
-                except ValueError as exc:
-                    raise ControlPlaneError(f"{method} {route}: the grid's answer is not JSON", status) from exc
-            message = server_message(status, response.data.decode("utf-8", "replace"), response.reason or "")
-            if status in (401, 403):
-                if not renewed and self.auth.on_rejected():
-                    renewed = True  # one more try with new credentials; does not count as a retry
-                    attempt -= 1
-                    continue
-                raise AuthenticationError(f"{method} {route}: the grid refused the credentials: {message}", status)
-            if status in RETRY_STATUSES and retry and attempt < self.max_attempts:
-                self._sleep_before_retry(attempt, f"HTTP {status}", method, route)
-                continue
-            if 400 <= status < 500 and status != 429:
-                raise BadRequestError(f"{method} {route}: {message}", status)
-            if status == 507:  # the grid's storage refuses writes: no retry helps until space is freed
-                raise StorageFullError(f"{method} {route}: {message}", status)
-            raise ControlPlaneError(f"{method} {route}: {message}", status)
+    def _timeout(self, read_timeout: float) -> urllib3.Timeout | None:
+        """One attempt's timeouts: the transport's, cut at what is left of the caller's budget;
+        None when nothing is left."""
+        connect, left = self.connect_timeout_sec, time_left()
+        if left is not None:
+            if left < _MIN_ATTEMPT_SEC:
+                return None
+            connect, read_timeout = min(connect, left), min(read_timeout, left)
+        return urllib3.Timeout(connect=connect, read=read_timeout)
+
+    def _attempt(self, method: str, route: str, url: str, timeout: urllib3.Timeout, sent: int) -> Any:
+        """One round trip: its answer's JSON, or the exception that says what went wrong."""
+        headers = self.auth.headers()  # raises AuthenticationError before authenticate()
+        started = time.monotonic()
+        with self._counts_lock:
+            self._attempts += 1
+            self._bytes_sent += sent
+        call = f"{method} {route}"
+        with _urllib3_errors(call, self.base_url, timeout.read_timeout):
+            if self._host_pool is not None:  # the same request, without the manager's look-up
+                response = self._host_pool.urlopen(method, url[self._origin_len:], headers=headers,
+                                                   timeout=timeout)
+            else:
+                response = self._pool.request(method, url, headers=headers, timeout=timeout)
+        with self._counts_lock:
+            self._bytes_received += len(response.data)
+        logger.debug("%s -> %d in %.1f ms", call, response.status, (time.monotonic() - started) * 1000)
+        return _decode_answer(call, response.status, response.data, response.reason or "")
+
+    def _wait_before_retry(self, backoff: Backoff, why: str, method: str, route: str) -> None:
+        delay = backoff.next_delay()
+        with self._counts_lock:
+            self._retries += 1
+        logger.debug("%s %s: attempt %d failed (%s), retrying in %.2f s", method, route, backoff.retries,
+                     why, delay)
+        time.sleep(delay)

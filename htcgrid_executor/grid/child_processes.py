@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["spawn", "die_with_parent", "describe_exit"]
+__all__ = ["spawn", "python_child_env", "die_with_parent", "describe_exit"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -85,6 +85,17 @@ def spawn(args: list[str], *, env: dict[str, str] | None = None, cwd: str | None
         args, env=env, cwd=cwd, stdout=stdout, stderr=stderr, stdin=stdin,
         preexec_fn=preexec, close_fds=True, start_new_session=True,
     )
+
+
+def python_child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Python child of the grid (an agent, the control plane): this
+    process's, plus ``extra``, with ``PYTHONPATH`` holding this process's ``sys.path``, so the
+    child imports this package, and the caller's modules, from where this process does."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    paths = [p for p in sys.path if p] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 def describe_exit(returncode: int | None) -> str:

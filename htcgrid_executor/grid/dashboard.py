@@ -34,10 +34,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 
+from ..codec import TASK_MARKER
 from ..states import TaskState
 from ..wire import is_valid_session_id
-from ..worker import TASK_MARKER
-from .state_table import StateTable, key_for
+from .state_table import StateTable
 
 __all__ = ["Dashboard", "GridView", "DASHBOARD_PATH"]
 
@@ -136,7 +136,7 @@ class GridView:
             if self._ended_seen.get(sid) == ended:
                 continue
             after = self._cursors.get(sid, str(now - WINDOW_MS))
-            events = self.table.read_events(key_for("session_events", sid), after, count=_EVENTS_PER_READ)
+            events = self.table.read_session_events(sid, after, count=_EVENTS_PER_READ)
             if events:
                 self._cursors[sid] = events[-1].cursor
             if len(events) < _EVENTS_PER_READ:

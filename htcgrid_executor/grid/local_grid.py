@@ -4,12 +4,15 @@
 
     LocalGrid.start()
       ├─ RedisServer        redis-server child: state table, queue and data plane (restarted if it dies)
-      ├─ ControlPlaneServer HTTP routes /submit /result /cancel on 127.0.0.1 (thread)
-      ├─ TTLChecker         retries tasks whose heartbeat expired (thread)
+      ├─ control plane      ``python -c ...grid.control_plane`` child (restarted on its port if it dies):
+      │    ├─ ControlPlaneServer  HTTP routes /submit /result /cancel /dashboard on 127.0.0.1
+      │    └─ TTLChecker          retries tasks whose heartbeat expired
       ├─ agents             ``python -m htcgrid_executor.grid.agent`` children, restarted if they die
       └─ client_config      the dict AWSConnector takes (api key, Redis URL, signing key)
 
-Every child process is tied to this process (it dies with it, even on SIGKILL), and ``stop()``
+The control plane runs in a process of its own, as a deployment's does: this process (the
+user's) runs only its own threads and the grid's supervisor, and the routes never wait for the
+user's GIL. Every child process is tied to this process (it dies with it, even on SIGKILL), and ``stop()``
 removes every process, socket and temporary file the grid made. With ``folder`` the Redis
 append-only file and the grid's credentials live there, so a grid restarted on the same folder
 keeps its tasks and its clients' signed payloads stay valid.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -39,13 +43,12 @@ from ..errors import ConfigurationError, GridUnavailableError
 from ..payload import PAYLOAD_KEY_ENV, new_signing_key
 from ..wire import DEFAULT_MAX_PAYLOAD_BYTES
 from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
-from .child_processes import describe_exit, spawn
-from .http_api import ControlPlaneServer
+from .child_processes import describe_exit, python_child_env, spawn
+from .control_plane import ControlPlaneProcess, ControlPlaneSettings
 from .redis_server import GRID_ROLES, RedisServer
-from .state_table import StateTable, key_for
-from .ttl_checker import TTLChecker
+from .state_table import StateTable
 
-__all__ = ["LocalGrid", "start_agent_process", "DEFAULT_HANDLER"]
+__all__ = ["LocalGrid", "GridState", "start_agent_process", "DEFAULT_HANDLER"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +85,7 @@ def start_agent_process(settings: AgentSettings, payload_signing_key: str | None
     The agent sees this process's ``sys.path`` and working folder, so functions of the caller's
     modules unpickle there as they would in a ProcessPoolExecutor.
     """
-    child_env = dict(os.environ)
-    child_env.update(env or {})
-    paths = [p for p in sys.path if p] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else [])
-    child_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    child_env = python_child_env(env)
     child_env[AGENT_CONFIG_ENV] = settings.to_json()
     if payload_signing_key:
         child_env[PAYLOAD_KEY_ENV] = payload_signing_key
@@ -93,6 +93,15 @@ def start_agent_process(settings: AgentSettings, payload_signing_key: str | None
     # again, nor the agent's imports (redis), so a new runner is ready sooner
     main = "from htcgrid_executor.grid.agent import main; raise SystemExit(main())"
     return spawn([sys.executable, "-c", main], env=child_env, cwd=os.getcwd())
+
+
+class GridState(enum.Enum):
+    """A :class:`LocalGrid`'s lifecycle: ``NEW`` -> ``RUNNING`` (``start()``) -> ``STOPPED``
+    (``stop()``, or a start that failed). A stopped grid does not start again."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
 
 
 class LocalGrid:
@@ -170,13 +179,12 @@ class LocalGrid:
         self.redis_server: RedisServer | None = None
         self.redis: redis.Redis | None = None
         self.table: StateTable | None = None
-        self._http: ControlPlaneServer | None = None
-        self._ttl: TTLChecker | None = None
+        self._control_plane: ControlPlaneProcess | None = None
         self._agents: list[subprocess.Popen] = []
         self._agent_lock = threading.Lock()  # guards _agents between callers and the supervisor
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._started = False
+        self.state = GridState.NEW
 
     # -- credentials ------------------------------------------------------------------------
     def _credentials_path(self) -> Path | None:
@@ -200,11 +208,20 @@ class LocalGrid:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> LocalGrid:
-        """Start Redis, the HTTP API, the TTL checker and the agents. Returns self."""
+        """Start Redis, the control-plane process (HTTP API, TTL checker) and the agents; returns
+        self once the HTTP API listens (the agents warm up meanwhile, and go on doing so after).
+        Raises GridUnavailableError, with everything it started stopped, if Redis or the
+        control plane cannot start (a port taken, say); RuntimeError once the grid was stopped.
+        Repeatable while it runs."""
         global _atexit_registered
-        if self._started:
+        if self.state is GridState.RUNNING:
             return self
-        self._started = True
+        if self.state is GridState.STOPPED:
+            # its Redis, temporary folders and processes are gone, and its supervisor with them:
+            # half a grid that no longer replaces dead agents would be worse than an error
+            raise RuntimeError("this LocalGrid was stopped and cannot start again: make a new one "
+                               "(with the same folder= it finds its tasks and credentials again)")
+        self.state = GridState.RUNNING
         try:
             if self._external_redis_url:
                 self.redis_url = self._external_redis_url
@@ -212,6 +229,7 @@ class LocalGrid:
                 self._client_redis_password = self._redis_password
                 self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=30)
                 control = self.redis
+                control_url = self._external_redis_url
             else:
                 # Redis listens where the HTTP API does: loopback unless told otherwise, so that
                 # agents on other machines can join a grid bound to a public address. Each role
@@ -228,14 +246,17 @@ class LocalGrid:
                 self._joining_agent_redis_url = self.redis_server.url_for("agent")
                 self.redis = self.redis_server.client(socket_timeout=30)
                 control = self._control_redis = self.redis_server.client("control", socket_timeout=30)
+                control_url = self.redis_server.unix_url_for("control")
             self._save_credentials()
             self.table = StateTable(control, retention_sec=self.retention_sec)
-            self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=self.port,
-                                            retry_limit=self.retry_limit).start()
-            self._ttl = TTLChecker(self.table, period_sec=self.heartbeat_sec,
-                                   lease_sec=self._agent_template["lease_sec"],
-                                   after_sweep=self._trim_listeners).start()
-            self.add_agents(self.workers)
+            self._control_plane = ControlPlaneProcess(ControlPlaneSettings(
+                redis_url=control_url, api_key=self.api_key, host=self.host, port=self.port,
+                retry_limit=self.retry_limit, retention_sec=self.retention_sec,
+                sweep_sec=self.heartbeat_sec, lease_sec=self._agent_template["lease_sec"],
+            ))
+            self._control_plane.launch()
+            self.add_agents(self.workers)  # while the control plane starts
+            self._control_plane.wait_ready()
             self._supervisor = threading.Thread(target=self._supervise, name="htcgrid-supervisor",
                                                 daemon=True)
             self._supervisor.start()
@@ -249,11 +270,6 @@ class LocalGrid:
         logger.debug("local grid: started at %s with %d agents", self.url, self.workers)
         return self
 
-    def _trim_listeners(self) -> None:
-        http = self._http  # (None for a moment while the control plane restarts)
-        if http is not None:
-            http.trim_listeners()
-
     def add_agents(self, count: int) -> None:
         """Start ``count`` more agent processes."""
         for _ in range(count):
@@ -263,9 +279,11 @@ class LocalGrid:
                 self._agents.append(process)
 
     def _supervise(self) -> None:
-        """Replace agents that died (killed, crashed): a grid keeps its worker count."""
+        """Replace agents, Redis and the control plane when they die (killed, crashed): a grid
+        keeps its worker count and its addresses."""
         while not self._stopping.wait(0.5):
             self._revive_redis()
+            self._revive_control_plane()
             with self._agent_lock:
                 dead = [p for p in self._agents if p.poll() is not None]
                 self._agents = [p for p in self._agents if p.poll() is None]
@@ -278,15 +296,14 @@ class LocalGrid:
     def restart_control_plane(self, down_sec: float = 0.0) -> None:
         """Stop the HTTP API and start it again on the same address after ``down_sec``
         (a fault drill: clients must retry through it; the state table is untouched)."""
-        if self._http is None:
+        control_plane = self._control_plane
+        if control_plane is None:
             raise RuntimeError("the grid is not started")
-        port = self._http.port
-        self._http.stop()
-        self._http = None
+        control_plane.stop()  # stopped, not dead: the supervisor leaves it down
         if down_sec:
             self._stopping.wait(down_sec)
-        self._http = ControlPlaneServer(self.table, self.api_key, host=self.host, port=port,
-                                        retry_limit=self.retry_limit).start()
+        if not self._stopping.is_set():  # (a grid stopped meanwhile stays stopped)
+            control_plane.start()
 
     def restart_redis(self) -> None:
         """Restart the grid's own Redis on the same port and socket (a fault drill). With a
@@ -294,6 +311,18 @@ class LocalGrid:
         if self.redis_server is None:
             raise RuntimeError("this grid does not run its own Redis")
         self.redis_server.restart()
+
+    def _revive_control_plane(self) -> None:
+        """Start the control plane again, on the same port, if it died: clients retry through
+        the gap, and the state table in Redis is untouched."""
+        control_plane = self._control_plane
+        if control_plane is None or self._stopping.is_set():
+            return
+        try:
+            control_plane.revive()
+            control_plane.sync_log_level()  # a level the user set since reaches its records
+        except GridUnavailableError as exc:  # tried again on the next round
+            logger.warning("local grid: %s", exc)
 
     def _revive_redis(self) -> None:
         """Start the grid's own Redis again if it died: with a ``folder`` it reloads its
@@ -308,10 +337,10 @@ class LocalGrid:
 
     def stop(self) -> None:
         """Stop agents, HTTP API, TTL checker and Redis; remove temporary files. Idempotent."""
-        if self._stopping.is_set() and not self._started:
+        if self.state is GridState.STOPPED:
             return
         self._stopping.set()
-        self._started = False
+        self.state = GridState.STOPPED
         if self._supervisor is not None:
             self._supervisor.join()
             self._supervisor = None
@@ -320,18 +349,17 @@ class LocalGrid:
         for process in agents:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)  # agents give their unstarted tasks back
+        if self._control_plane is not None:
+            self._control_plane.terminate()  # it ends its long polls while the agents stop
         for process in agents:
             try:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if self._ttl is not None:
-            self._ttl.stop()
-            self._ttl = None
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
+        if self._control_plane is not None:
+            self._control_plane.close()
+            self._control_plane = None
         if self.redis is not None:
             self.redis.close()
         if self._control_redis is not None:
@@ -351,9 +379,9 @@ class LocalGrid:
     @property
     def url(self) -> str:
         """The control plane's base URL."""
-        if self._http is None:
+        if self._control_plane is None or self._control_plane.url is None:
             raise RuntimeError("the grid is not started")
-        return self._http.url
+        return self._control_plane.url
 
     @property
     def dashboard_url(self) -> str:
@@ -363,8 +391,22 @@ class LocalGrid:
 
     @property
     def requests_served(self) -> int:
-        """HTTP requests the control plane has answered (for benchmarks)."""
-        return self._http.requests_served if self._http else 0
+        """HTTP requests the control plane has answered since its process started (for
+        benchmarks); 0 while it is not running. Asks the control-plane process."""
+        return self.control_plane_stats().get("requests_served", 0)
+
+    def control_plane_stats(self) -> dict[str, Any]:
+        """The control-plane process's counters: ``pid``, ``requests_served`` (HTTP requests
+        answered since it started), ``ttl_stalls`` (TTL sweeps that found Redis or the process
+        had stood still and granted leases instead of taking them), ``write_refusal`` (why Redis
+        refused the TTL checker's last write, None while it takes writes). {} while it is not
+        running; raises GridUnavailableError if it does not answer within 5 s.
+
+        What the control plane logs is logged in this process under the same logger names, at
+        the level set here (a level changed after start reaches it within half a second); by
+        the time this returns, the level is its and every record it logged before is handled."""
+        control_plane = self._control_plane
+        return control_plane.stats() if control_plane is not None else {}
 
     def agent_stats(self) -> dict[str, dict[str, int]]:
         """Each registered agent's counters, as it last published them at its heartbeat (so up to
@@ -372,12 +414,7 @@ class LocalGrid:
         one per batch), "runner_restarts", "heartbeats"}``. One pipelined read; {} before start."""
         if self.redis is None:
             return {}
-        agents = [a.decode() for a in self.redis.zrange(key_for("agents"), 0, -1)]
-        pipe = self.redis.pipeline(transaction=False)
-        for agent in agents:
-            pipe.hgetall(key_for("agent_stats", agent))
-        return {agent: {k.decode(): int(v) for k, v in found.items()}
-                for agent, found in zip(agents, pipe.execute(), strict=True) if found}
+        return StateTable(self.redis).agent_counters()
 
     @property
     def client_config(self) -> dict[str, Any]:

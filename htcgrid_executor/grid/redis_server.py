@@ -25,7 +25,9 @@ from pathlib import Path
 import redis
 
 from ..errors import GridUnavailableError
+from ..wire import DATA_PLANE_SUFFIXES
 from .child_processes import describe_exit, spawn
+from .state_table import PREFIX
 
 __all__ = ["RedisServer", "find_redis_server", "GRID_ROLES"]
 
@@ -34,20 +36,21 @@ logger = logging.getLogger(__name__)
 # The data-plane keys, bare as a deployment writes them (wire.py): <task>-input, <task>-output,
 # <session>-payload; and the executor's own: <task>-logs (kept task logs), <share>-shared
 # (objects stored once by HTCGridExecutor.share).
-_DATA_PLANE_KEYS = "~*-input ~*-output ~*-payload ~*-logs ~*-shared"
+_DATA_PLANE_KEYS = " ".join(f"~*{suffix}" for suffix in DATA_PLANE_SUFFIXES)
 
 #: ACL rules of the grid's roles. None of them may run CONFIG, MODULE, DEBUG, SAVE, BGSAVE,
 #: REPLICAOF, SHUTDOWN, ACL, CLIENT, KEYS or FLUSHALL (all in Redis's @dangerous category), so
 #: no role's password can make redis-server load code, write files or hand out other passwords.
 #: ``agent``: the agents, which run the state table's Lua transitions; ``control``: the grid's
 #: own process (HTTP API, TTL checker), the same powers under a password that never leaves it;
-#: ``client``: what client configs carry, the data plane only: its keys, GET/SET/DEL, no script,
+#: ``client``: what client configs carry, the data plane only: its keys, GET/SET/DEL (APPEND and
+#: GETRANGE: big values move in pieces), no script,
 #: so a client cannot change a task's state except through the HTTP API and its key.
 GRID_ROLES = {
-    "agent": f"resetchannels +@all -@dangerous ~htcgrid:* {_DATA_PLANE_KEYS}",
-    "control": f"resetchannels +@all -@dangerous ~htcgrid:* {_DATA_PLANE_KEYS}",
-    "client": f"resetchannels -@all +auth +hello +ping +echo +select +get +mget +set +mset +del +unlink "
-              f"+exists {_DATA_PLANE_KEYS}",
+    "agent": f"resetchannels +@all -@dangerous ~{PREFIX}* {_DATA_PLANE_KEYS}",
+    "control": f"resetchannels +@all -@dangerous ~{PREFIX}* {_DATA_PLANE_KEYS}",
+    "client": f"resetchannels -@all +auth +hello +ping +echo +select +get +mget +set +mset +append +getrange "
+              f"+strlen +del +unlink +exists {_DATA_PLANE_KEYS}",
 }
 
 

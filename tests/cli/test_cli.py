@@ -34,7 +34,7 @@ def running_grid(tmp_path):
     config = tmp_path / "client.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "htcgrid_executor", "grid", "--workers", "1", "--handler",
-         "cli_handlers:whoami", "--config-out", str(config)],
+         "handlers:whoami", "--config-out", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.monotonic() + 20
@@ -61,8 +61,9 @@ def test_grid_writes_an_owner_only_config_and_agents_join_it(running_grid):
         assert "joined" in agent.stdout.readline()
         with AWSConnector.from_config_file(str(config)) as connector:
             connector.authenticate()
-            # two slow tasks at once: one for the grid's agent, one for the joined agent
-            answer = connector.send([{"n": 0, "sleep": 1.0}, {"n": 1, "sleep": 1.0}])
+            # two slow tasks at once: one for the grid's agent, one for the joined agent (slow
+            # enough that a loaded machine's joined agent claims before the first one is done)
+            answer = connector.send([{"n": 0, "sleep": 3.0}, {"n": 1, "sleep": 3.0}])
             results = connector.get_results(answer, timeout_sec=30)
         assert sorted(results["finished"]) == sorted(answer["task_ids"])
         ran_on = {json.loads(out)["agent_pid"] for out in results["finished_OUTPUT"]}

@@ -25,6 +25,7 @@ from connector_helpers import (
     RecordingGrid,
     RedisProcess,
     config_for,
+    fast_transport,
     free_port,
     make_handler,
     redis_executable,
@@ -122,8 +123,7 @@ def wired(recording_grid: RecordingGrid, redis_server: RedisProcess,
     """An intra-VPC REDIS connector talking to the recording server; fast retries."""
     from htcgrid_executor.connector import AWSConnector
 
-    conn = AWSConnector(config_for(recording_grid.url, redis_server))
-    conn.transport.backoff_sec = 0.001
+    conn = AWSConnector(config_for(recording_grid.url, redis_server), transport=fast_transport(recording_grid.url))
     recording_grid.store = conn.store
     try:
         yield conn, recording_grid, redis_db

@@ -19,7 +19,7 @@ import redis
 
 from htcgrid_executor import wire
 
-__all__ = ["RedisProcess", "Recorded", "RecordingGrid", "make_handler", "config_for", "free_port",
+__all__ = ["RedisProcess", "Recorded", "RecordingGrid", "make_handler", "config_for", "fast_transport", "free_port",
            "redis_executable"]
 
 
@@ -146,6 +146,14 @@ def make_handler(grid: RecordingGrid) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def fast_transport(url: str, auth: Any = None, **tuning: Any) -> Any:
+    """An HTTPTransport to ``url`` that retries without waiting (1 ms backoff), for a connector's
+    ``transport=``; ``auth`` defaults to :func:`config_for`'s API key."""
+    from htcgrid_executor.connector import ApiKeyAuth, HTTPTransport
+
+    return HTTPTransport(url, auth or ApiKeyAuth("the-api-key"), **{"backoff_sec": 0.001, **tuning})
 
 
 def config_for(url: str, redis_server: RedisProcess | None = None, **extra: Any) -> dict[str, Any]:

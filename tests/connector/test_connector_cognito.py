@@ -16,7 +16,7 @@ import boto3
 import jwt
 import pytest
 from connector_fixtures import *  # noqa: F403 - pytest fixtures
-from connector_helpers import RecordingGrid
+from connector_helpers import RecordingGrid, fast_transport
 
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector
@@ -66,8 +66,10 @@ def public_config(grid: RecordingGrid, redis_server: Any, pool: dict[str, str], 
 def public(recording_grid: RecordingGrid, redis_server: Any, redis_db: Any, pool: dict[str, str],
            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[AWSConnector, RecordingGrid]]:
     monkeypatch.delenv("INTRA_VPC", raising=False)
-    conn = AWSConnector(public_config(recording_grid, redis_server, pool), username="alice", password=PASSWORD)
-    conn.transport.backoff_sec = 0.001
+    auth = CognitoAuth(user_pool_id=pool["pool_id"], client_id=pool["client_id"], region=REGION,
+                       username="alice", password=PASSWORD)
+    conn = AWSConnector(public_config(recording_grid, redis_server, pool), username="alice", password=PASSWORD,
+                        transport=fast_transport(recording_grid.url, auth))
     recording_grid.store = conn.store
     yield conn, recording_grid
     conn.close()

@@ -10,7 +10,7 @@ import pytest
 from htcgrid_executor.connector import AGENT_CONFIG_FILE, AWSConnector, ClientConfig
 from htcgrid_executor.connector.auth import ApiKeyAuth, CognitoAuth
 from htcgrid_executor.connector.dataplane import redis_connection_kwargs
-from htcgrid_executor.errors import ConfigurationError, GridError
+from htcgrid_executor.errors import ConfigurationError, ConnectorClosedError
 
 # what a deployment's Agent_config.tfvars.json holds, many keys a client does not use
 PUBLIC = {
@@ -212,7 +212,7 @@ def test_public_client_two_step_style() -> None:
         assert conn.config is not None and conn.config.username == "alice"
     finally:
         conn.close()
-    with pytest.raises(GridError, match="closed"):
+    with pytest.raises(ConnectorClosedError, match="closed"):  # a GridError (and a RuntimeError)
         conn.send([{}])
 
 

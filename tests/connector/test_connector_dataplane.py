@@ -170,3 +170,30 @@ def test_layered_store_does_not_hide_a_refused_redis_password(s3: Any, redis_ser
     cache = RedisStore(redis_server.url, password="wrong")
     with LayeredStore(cache, S3Store(BUCKET, region="eu-west-1")) as store, pytest.raises(StorageError):
         store.get_many(["k"])
+
+
+def test_a_silent_s3_answers_the_caller_by_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executor spends ``broken_after_sec`` as one budget: an S3 that accepts connections and
+    never answers must not hold it for botocore's own timeouts and retries (minutes)."""
+    import socket
+    import time
+
+    from htcgrid_executor.backoff import spend_until
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+        monkeypatch.setenv(name, value)
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never answers
+    store = S3Store(BUCKET, region="eu-west-1", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        for keys in (["one"], ["one", "two", "three"]):
+            started = time.monotonic()
+            with spend_until(started + 1.0), pytest.raises(GridUnavailableError, match="budget"):
+                store.get_many(keys)
+            assert time.monotonic() - started < 2.0
+    finally:
+        silent.close()  # the abandoned calls then fail at once, and their threads end
+        store.close()
+    deadline = time.monotonic() + 20
+    while any(t.name.startswith("htcgrid-s3") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "S3 threads left"
+        time.sleep(0.05)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from htcgrid_executor import wire
-from htcgrid_executor.connector import AWSConnector, ResultBatch
+from htcgrid_executor.connector import ApiKeyAuth, AWSConnector, HTTPTransport, ResultBatch
 from htcgrid_executor.errors import AuthenticationError, BadRequestError, GridUnavailableError
 from htcgrid_executor.grid import LocalGrid
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def grid() -> Iterator[LocalGrid]:
-    with LocalGrid(workers=2, handler="connector_handlers:act") as grid:
+    with LocalGrid(workers=2, handler="handlers:report") as grid:
         yield grid
 
 
@@ -142,7 +142,7 @@ def test_resubmitting_the_same_session_never_runs_twice(conn: AWSConnector, tmp_
 
 def test_priorities(tmp_path: Path) -> None:
     # one worker taking one task at a time: the order it picks tasks in is the priority order
-    with LocalGrid(workers=1, handler="connector_handlers:act", claim_batch=1) as grid, \
+    with LocalGrid(workers=1, handler="handlers:report", claim_batch=1) as grid, \
             AWSConnector(grid.client_config) as conn:
         listener = conn.new_listener_id()
         blocker = conn.send([{"sleep": 0.5}], listener=listener)
@@ -239,7 +239,7 @@ JSON = st.recursive(
 
 @pytest.fixture(scope="module")
 def echo_conn() -> Iterator[AWSConnector]:
-    with LocalGrid(workers=2, handler="connector_handlers:echo") as grid, \
+    with LocalGrid(workers=2, handler="handlers:identity") as grid, \
             AWSConnector(grid.client_config) as conn:
         yield conn
 
@@ -275,8 +275,9 @@ def test_stats_count_what_the_connector_and_the_agents_did(grid: LocalGrid) -> N
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
-    with AWSConnector({**grid.client_config, "private_api_gateway_url": f"http://127.0.0.1:{dead_port}"}) as dead:
-        dead.transport.max_attempts, dead.transport.backoff_sec = 3, 0.001
+    dead_url = f"http://127.0.0.1:{dead_port}"
+    fast = HTTPTransport(dead_url, ApiKeyAuth(grid.client_config["api_gateway_key"]), max_attempts=3, backoff_sec=0.001)
+    with AWSConnector({**grid.client_config, "private_api_gateway_url": dead_url}, transport=fast) as dead:
         with pytest.raises(GridUnavailableError):
             dead.poll_session(answer["session_id"])
         failed = dead.stats()

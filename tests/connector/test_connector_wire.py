@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from connector_fixtures import *  # noqa: F403 - pytest fixtures
-from connector_helpers import RecordingGrid, config_for
+from connector_helpers import RecordingGrid, config_for, fast_transport
 
 from htcgrid_executor import wire
 from htcgrid_executor.connector import AWSConnector, ResultBatch
@@ -193,9 +193,8 @@ def test_unreachable_grid_raises_grid_unavailable_after_retries(redis_server: An
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with AWSConnector(config_for(f"http://127.0.0.1:{port}", redis_server)) as conn:
-        conn.transport.backoff_sec = 0.001
-        conn.transport.max_attempts = 3
+    url = f"http://127.0.0.1:{port}"
+    with AWSConnector(config_for(url, redis_server), transport=fast_transport(url, max_attempts=3)) as conn:
         started = time.monotonic()
         with pytest.raises(GridUnavailableError) as info:
             conn.poll_session(wire.new_session_id())
@@ -422,7 +421,7 @@ def test_cancel_tasks(wired: Any) -> None:
     assert grid.calls()[0].query() == {"session_ids_to_cancel": [], "task_ids_to_cancel": [f"{sid}_0", f"{sid}_3"]}
     with pytest.raises(ControlPlaneError, match="cannot cancel single tasks"):
         conn.cancel_tasks([f"{sid}_1"])  # a plain deployment answers without "tasks"
-    with pytest.raises(PayloadError):
+    with pytest.raises(BadRequestError, match="not an HTC-Grid task id"):  # as a bad session id is
         conn.cancel_tasks(["not-a-task-id"])
 
 

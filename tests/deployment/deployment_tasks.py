@@ -16,6 +16,8 @@ def record(path: str, value: int) -> int:
 
 
 def slow_record(path: str, value: int, sec: float) -> int:
+    """Tell ``<path>.begun`` that the call has begun, then sleep ``sec`` and record ``value``."""
+    record(path + ".begun", value)
     time.sleep(sec)
     return record(path, value)
 
@@ -30,5 +32,8 @@ def double(x: int) -> int:
 
 
 def runs(path: str) -> list[int]:
-    with open(path) as handle:
-        return [int(line) for line in handle.read().split()]
+    try:
+        with open(path) as handle:
+            return [int(line) for line in handle.read().split()]
+    except FileNotFoundError:
+        return []

@@ -11,16 +11,21 @@ from concurrent.futures import CancelledError
 
 import pytest
 from deployment_tasks import double, record, runs, sleep, slow_record
+from support import wait_for
 
 from htcgrid_executor import TaskFailedError
 from htcgrid_executor.cli import main as cli
 
 
 def _wait_processing(standin, count: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(standin.state(t) == "processing" for s in standin.sessions() for t in standin.tasks_of(s)) < count:
-        assert time.monotonic() < deadline, "the stand-in never ran the calls"
-        time.sleep(0.02)
+    wait_for(lambda: sum(standin.state(t) == "processing" for s in standin.sessions()
+                         for t in standin.tasks_of(s)) >= count, timeout=timeout)
+
+
+def _wait_begun(path, count: int, timeout: float = 10.0) -> None:
+    # a claimed task's call has not begun until the handler took its run marker: only then is
+    # it past cancelling, so a test that needs running calls waits for the calls themselves
+    wait_for(lambda: len(runs(str(path) + ".begun")) >= count, timeout=timeout)
 
 
 def test_cancelled_futures_return_at_once_and_their_calls_never_run(standin, make_executor, tmp_path):
@@ -44,15 +49,34 @@ def test_shutdown_with_cancel_futures_returns_at_once(standin, make_executor, tm
     path = tmp_path / "runs"
     path.touch()
     executor = make_executor(batch_window=0.1)
-    running = [executor.submit(sleep, 1.5) for _ in range(2)]
+    running = [executor.submit(slow_record, str(path), 100 + i, 1.5) for i in range(2)]
     queued = [executor.submit(record, str(path), i) for i in range(12)]
-    _wait_processing(standin, 2)
+    _wait_begun(path, 2)
+    started = time.monotonic()
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert time.monotonic() - started < 1.0
+    assert all(f.cancelled() for f in queued) and not any(f.cancelled() for f in running)
+    assert [f.result(timeout=30) for f in running] == [100, 101]
+    standin.wait_idle()
+    assert sorted(runs(str(path))) == [100, 101]  # no cancelled call ran
+
+
+def test_shutdown_with_cancel_futures_lets_running_calls_finish(standin, make_executor, tmp_path):
+    # as under ProcessPoolExecutor: a call a worker has begun is not cancelled; its future
+    # gets its result, and shutdown(wait=True) waits for it, not for the queue behind it
+    path = tmp_path / "runs"
+    path.touch()
+    executor = make_executor(batch_window=0.1)
+    running = [executor.submit(slow_record, str(path), 100 + i, 1.0) for i in range(2)]
+    queued = [executor.submit(record, str(path), i) for i in range(12)]
+    _wait_begun(path, 2)
     started = time.monotonic()
     executor.shutdown(wait=True, cancel_futures=True)
-    assert time.monotonic() - started < 1.0
-    assert all(f.cancelled() for f in queued) and all(f.done() for f in running)
+    assert time.monotonic() - started < 2.0
+    assert [f.result(timeout=0) for f in running] == [100, 101]
+    assert all(f.cancelled() for f in queued)
     standin.wait_idle()
-    assert runs(str(path)) == []
+    assert sorted(runs(str(path))) == [100, 101]
 
 
 def test_closing_a_map_early_returns_at_once_and_runs_no_more_calls(standin, make_executor, tmp_path):
@@ -94,7 +118,7 @@ def test_retry_count_zero_fails_a_call_whose_worker_was_lost(standin, make_execu
     executor = make_executor(retry_count=0)
     future = executor.submit(slow_record, str(path), 1, 3.0)
     sid = executor.sessions()[0]["session_id"]
-    _wait_processing(standin, 1)
+    _wait_begun(path, 1)  # killed before its marker was taken, the call would be run again
     assert standin.kill_agent_running(standin.tasks_of(sid)[0])
     with pytest.raises(TaskFailedError, match="retry_count=0"):
         future.result(timeout=20)  # the grid retried it (5 times, fixed): the handler refused
@@ -114,7 +138,7 @@ def test_per_call_options_reach_the_guard_of_each_task(standin, make_executor, t
     path.touch()
     future = executor.options(retry_count=0).submit(slow_record, str(path), 1, 3.0)
     sid = executor.sessions()[0]["session_id"]
-    _wait_processing(standin, 1)
+    _wait_begun(path, 1)  # killed before its marker was taken, the call would be run again
     assert standin.kill_agent_running(standin.tasks_of(sid)[0])
     with pytest.raises(TaskFailedError, match="retry_count=0"):
         future.result(timeout=20)
@@ -128,7 +152,7 @@ def test_status_of_a_running_session_counts_pending_and_processing_from_the_run_
     [record] = executor.sessions()
     _wait_processing(standin, 2)
     deadline = time.monotonic() + 10
-    while (status := executor._core.connector.session_status(record["session_id"])).processing < 2:
+    while (status := executor._connector.session_status(record["session_id"])).processing < 2:
         assert time.monotonic() < deadline, status  # the guard takes its run marker as the call starts
         time.sleep(0.02)
     assert (status.count, status.pending, status.finished, status.failed, status.exact) == (3, 1, 0, 0, False)
@@ -170,16 +194,16 @@ def test_map_picks_its_chunks_and_polls_no_faster_than_the_interval(standin, mak
 
 
 def test_the_cancelled_answer_of_the_handler_raises_cancelled_error():
-    from htcgrid_executor.worker import decode_output
+    from htcgrid_executor.codec import decode_output
 
     ok, exc = decode_output('{"htcgrid_executor": 1, "ok": false, "error": "cancelled", "message": "m"}', "k")
     assert not ok and isinstance(exc, CancelledError)
 
 
 def test_without_the_guard_the_executor_warns_once_what_it_cannot_keep(standin, make_executor):
-    from htcgrid_executor import _sessions
+    from htcgrid_executor import _deployment
 
-    _sessions._warned.clear()
+    _deployment._warned.clear()
     with pytest.warns(RuntimeWarning, match="htcgrid_worker_guard is off"):
         first = make_executor_without_guard(standin)
     with warnings.catch_warnings():
@@ -200,7 +224,8 @@ def test_a_forged_guard_is_refused_before_the_worker_connects_anywhere(monkeypat
     """The guard names where the worker connects with its Redis password: only a holder of the
     grid secret may name it (a writer of the data plane could otherwise steal the password)."""
     from htcgrid_executor import worker_guard
-    from htcgrid_executor.worker import lambda_handler, make_task, pickle_args, pickle_function
+    from htcgrid_executor.codec import make_task, pickle_args, pickle_function
+    from htcgrid_executor.worker import lambda_handler
 
     monkeypatch.setenv("HTCGRID_PAYLOAD_KEY", "the-grid-secret")
     task = make_task(pickle_function(double, "the-grid-secret"), pickle_args(double, (1,), {}, "the-grid-secret"))
@@ -210,6 +235,35 @@ def test_a_forged_guard_is_refused_before_the_worker_connects_anywhere(monkeypat
     monkeypatch.setattr(worker_guard, "_marks_for", lambda spec: connected.append(spec))
     answer = lambda_handler(task, None)
     assert answer["error"] == "signature" and connected == []
+
+
+def test_a_task_sealed_for_another_task_than_its_guard_is_refused(monkeypatch, tmp_path):
+    """On a deployment the handler learns its task id from the guard: an input sealed for another
+    task (a whole input copied onto this task's key, with this task's guard) is refused unrun."""
+    from htcgrid_executor import worker_guard
+    from htcgrid_executor.codec import make_task, pickle_args, pickle_function, seal_task
+    from htcgrid_executor.worker import lambda_handler
+
+    class Marks:  # the run marker always says "run": only the seal decides
+        def begin(self, tid, owner, lease, attempts):
+            return "run", {}
+
+        def renew(self, tid, owner, lease):
+            return True
+
+        def finish(self, tid, owner, envelope):
+            pass
+
+    key = "the-grid-secret"
+    monkeypatch.setenv("HTCGRID_PAYLOAD_KEY", key)
+    monkeypatch.setattr(worker_guard, "_marks_for", lambda spec: Marks())
+    task = seal_task(make_task(pickle_function(double, key), pickle_args(double, (1,), {}, key)), "s_0", key)
+    location = {"store": "REDIS", "redis_url": "redis://grid.example:6379"}
+    for guarded_for, ok in (("s_0", True), ("s_1", False)):
+        guard = worker_guard.seal_guard(location, guarded_for, key, task_timeout_sec=None, retry_count=None)
+        answer = lambda_handler({**task, "guard": guard}, None)
+        assert answer["ok"] is ok, answer
+    assert answer["error"] == "signature" and "sealed for task s_0, not for s_1" in answer["message"]
 
 
 def test_the_guard_never_carries_the_redis_password():

@@ -4,7 +4,6 @@ teardown checks that nothing (thread, process) is left behind."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +15,6 @@ from executor_support import (
     child_pids,
     fixture_grid,
     running_grid,
-    stray_processes,
 )
 from stdlib_reference import ReferenceProcessPoolExecutor
 
@@ -34,10 +32,7 @@ def grid() -> Iterator[LocalGrid]:
         _session_grid.append(local_grid)
         yield local_grid
         _session_grid.clear()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and stray_processes(None, before):
-        time.sleep(0.05)
-    assert stray_processes(None, before) == []
+    assert_nothing_left(None, timeout=10, before=before)
     assert [t for t in threading.enumerate() if t.name.startswith("htcgrid-") and t.name != "htcgrid-spawner"] == []
 
 

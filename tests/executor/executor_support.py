@@ -25,32 +25,34 @@ def executor_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(EXECUTOR_THREADS)]
 
 
-def grid_tree(grid: LocalGrid) -> set[int]:
-    """Every process of a running grid: Redis, agents and their runners."""
-    pids: set[int] = set()
-    roots = list(grid.agent_pids())
+def grid_roots(grid: LocalGrid) -> set[int]:
+    """The processes a running grid starts itself: Redis, the control plane and the agents (the
+    runners are the agents' children)."""
+    roots = set(grid.agent_pids())
     if grid.redis_server is not None and grid.redis_server.pid:
-        roots.append(grid.redis_server.pid)
-    for pid in roots:
-        try:
-            process = psutil.Process(pid)
-            pids.add(pid)
-            pids.update(child.pid for child in process.children(recursive=True))
-        except psutil.NoSuchProcess:
-            continue
-    return pids
+        roots.add(grid.redis_server.pid)
+    if grid.control_plane_stats().get("pid"):
+        roots.add(grid.control_plane_stats()["pid"])
+    return roots
 
 
 def stray_processes(grid: LocalGrid | None, before: set[int] = frozenset()) -> list[psutil.Process]:
     """Live child processes of this test process that belong to no fixture grid (nor ``grid``)
-    and were not there ``before`` (other suites' session fixtures may hold processes)."""
-    allowed: set[int] = set(before)
+    and were not there ``before`` (other suites' session fixtures may hold processes).
+
+    The children are listed first and the grids' own processes after, and a child belongs to a
+    grid when it or one of its parents is one of them: an agent that forks a runner between the
+    two reads (young grids do, while they warm up) is not taken for a leak."""
+    children = psutil.Process().children(recursive=True)
+    roots: set[int] = set()
     for fixture in {id(g): g for g in [*FIXTURE_GRIDS, *([grid] if grid else [])]}.values():
-        allowed |= grid_tree(fixture)
+        roots |= grid_roots(fixture)
     strays = []
-    for child in psutil.Process().children(recursive=True):
+    for child in children:
         try:
-            if child.pid in allowed or child.status() == psutil.STATUS_ZOMBIE:
+            if child.pid in before or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if roots & {child.pid, *(parent.pid for parent in child.parents())}:
                 continue
             # multiprocessing's resource tracker (agents start one for their spawned runners)
             # leaves with its parent; once, in one run of six, one was seen outside every grid
@@ -76,10 +78,12 @@ def child_pids() -> set[int]:
 
 def assert_nothing_left(grid: LocalGrid | None, timeout: float = 15.0, before: set[int] = frozenset()) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (executor_threads() or stray_processes(grid, before)):
+    while True:  # the verdict is the last look, not a second one that could race a fork
+        threads, strays = executor_threads(), stray_processes(grid, before)
+        if not (threads or strays) or time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
-    assert executor_threads() == [], f"executor threads left: {executor_threads()}"
-    strays = stray_processes(grid, before)
+    assert threads == [], f"executor threads left: {threads}"
     assert strays == [], f"processes left: {[(p.pid, p.cmdline()) for p in strays]}"
 
 

@@ -65,7 +65,7 @@ def test_logs_keep_the_last_64_kib(grid_executor):
     [record] = grid_executor.sessions(flush=True, timeout=T)
     assert future.result(timeout=T) == 200
     grid_executor.shutdown(wait=True)  # its kept logs are written before its threads stop
-    with AWSConnector(grid_executor._core.connector.client_config) as connector:
+    with AWSConnector(grid_executor._connector.client_config) as connector:
         logs = connector.task_logs(record["task_ids"][0])
     assert logs is not None and logs.endswith("THE END\n")
     assert LOG_LIMIT_CHARS - 1024 <= len(logs) <= LOG_LIMIT_CHARS

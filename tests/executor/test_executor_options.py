@@ -48,8 +48,9 @@ def test_a_higher_priority_view_runs_first(grid_executor, tmp_path):
     wait(busy + low + high, timeout=T)
     started = order.read_text().split()
     # the urgent calls are claimed first (in submission order the low ones would be), so the
-    # first call to start is one of them; after it the order is the agents' race (an agent may
-    # claim both urgent calls at once while the other starts a low one)
+    # first call to start is one of them; after it the order is the agents' race (the other
+    # agent may have claimed the second urgent call but not yet started it when the first agent,
+    # done with its urgent call, claims and starts a low one)
     assert sorted(started) == ["high", "high", "low", "low"]
     assert started[0] == "high", started
     assert urgent.task_options.priority == 10 and grid_executor.options().task_options.priority == 0
@@ -114,7 +115,7 @@ def test_calls_with_different_options_sent_together_get_one_session_per_options(
             futures.append(executor.submit(sleep_return, 0.2, ("default", i)))
             futures.append(other.submit(sleep_return, 0.2, ("other", i)))
         records = executor.sessions(flush=True, timeout=T)
-        store = executor._core.connector.store
+        store = executor._connector.store
         payloads = store.get_many([wire.payload_key(r["session_id"]) for r in records])
         seen = {}
         for record, raw in zip(records, payloads, strict=True):
@@ -140,9 +141,24 @@ def test_bad_options_raise_naming_the_option(grid_executor):
     with pytest.raises(TypeError, match="unknown task option"):
         TaskOptions().replace(retries=3)
     with pytest.raises(ValueError, match="task_timeout_sec"):
-        HTCGridExecutor(config=grid_executor._core.connector.client_config, task_timeout_sec=-1)
+        HTCGridExecutor(config=grid_executor._connector.client_config, task_timeout_sec=-1)
     view = grid_executor.options(task_timeout_sec=None, retry_count=None)
     assert isinstance(view, ExecutorView)
     assert view.task_options == TaskOptions(task_timeout_sec=None, retry_count=None)
     assert view.options(priority=2).task_options.priority == 2
     assert grid_executor.submit(square, 3).result(timeout=T) == 9  # nothing broke
+
+
+def test_the_defaults_of_a_tasks_options_are_spelt_once(grid_executor):
+    """The executor's keywords default to TaskOptions' own defaults; an option not given to
+    options() keeps the executor's value (and a view's), None included."""
+    import inspect
+
+    signature = inspect.signature(HTCGridExecutor.__init__).parameters
+    defaults = TaskOptions()
+    for name in ("priority", "task_timeout_sec", "retry_count"):
+        assert signature[name].default == getattr(defaults, name)
+    assert grid_executor.options().task_options == defaults
+    view = grid_executor.options(priority=3, retry_count=None)
+    assert view.options(task_timeout_sec=5).task_options == TaskOptions(priority=3, task_timeout_sec=5,
+                                                                        retry_count=None)

@@ -9,19 +9,21 @@ import threading
 import pytest
 from executor_tasks import CustomError, add, identity, raise_custom, raise_unpicklable, square
 
-from htcgrid_executor import worker
-from htcgrid_executor.errors import ConfigurationError, PayloadError, RemoteError, SignatureError
-from htcgrid_executor.payload import PAYLOAD_KEY_ENV, dumps_signed, loads_signed
-from htcgrid_executor.worker import (
+from htcgrid_executor import codec, worker_scope
+from htcgrid_executor.codec import (
     decode_output,
     is_executor_task,
-    lambda_handler,
     make_task,
+    output_binding,
     pickle_args,
     pickle_chunk,
     pickle_function,
+    seal_task,
     task_binding,
 )
+from htcgrid_executor.errors import ConfigurationError, PayloadError, RemoteError, SignatureError
+from htcgrid_executor.payload import PAYLOAD_KEY_ENV, dumps_signed, loads_signed
+from htcgrid_executor.worker import lambda_handler
 
 KEY = "test-secret"
 pytestmark = pytest.mark.timeout(30)
@@ -36,11 +38,21 @@ def call_task(fn, *args, **kwargs):
     return make_task(pickle_function(fn, KEY), pickle_args(fn, args, kwargs, KEY))
 
 
+TASK_ID = "sid_0"
+
+
 def run(task):
-    """Run a task as an agent does: the event is the JSON round trip of the task dict, and the
-    handler's answer is JSON-serialised into the output text."""
-    event = json.loads(json.dumps(task))
+    """Run a task as an agent does: the event is the JSON round trip of the task dict as the
+    connector seals it, and the handler's answer is JSON-serialised into the output text."""
+    event = json.loads(json.dumps(seal_task(task, TASK_ID, KEY)))
     return json.dumps(lambda_handler(event, None))
+
+
+class _Context:
+    """What the local grid's agents give the handler: the id of the task it runs."""
+
+    def __init__(self, task_id):
+        self.aws_request_id = task_id
 
 
 def test_a_call_round_trips():
@@ -92,7 +104,7 @@ def test_an_unpicklable_result_becomes_the_error():
 
 def test_a_tampered_task_is_refused_and_never_unpickled(tmp_path):
     marker = tmp_path / "unpickled"
-    task = call_task(square, 3)
+    task = seal_task(call_task(square, 3), TASK_ID, KEY)
     # a payload signed with another key: it would create the marker if it were unpickled
     task["args"] = dumps_signed(_Evil(str(marker)), "attacker-key")
     answer = lambda_handler(task, None)
@@ -137,7 +149,7 @@ def test_initializer_runs_once_per_process_per_initializer():
     import executor_tasks
 
     executor_tasks.INITIALIZED.clear()
-    worker._SCOPES.clear()
+    worker_scope._SCOPES.clear()
     fn_blob = pickle_function(square, KEY)
     for value in ("first", "second"):  # two executors' initializers: each runs once
         init = dumps_signed((executor_tasks.initializer, (value,)), KEY)
@@ -153,7 +165,7 @@ def test_a_failing_initializer_fails_the_task_and_is_tried_again():
     for _ in range(2):
         ok, exc = decode_output(run(task), KEY)
         assert not ok and isinstance(exc, RuntimeError) and str(exc) == "init failed"
-    assert init not in worker._scope_named("").initialized
+    assert init not in worker_scope.scope_named("").initialized
 
 
 def fail_init():
@@ -162,10 +174,11 @@ def fail_init():
 
 def test_a_function_is_unpickled_once_per_process():
     fn_blob = pickle_function(square, KEY)
-    worker._SCOPES.clear()
+    worker_scope._SCOPES.clear()
     for i in range(5):
-        assert lambda_handler(make_task(fn_blob, pickle_args(square, (i,), {}, KEY)), None)["ok"]
-    assert list(worker._scope_named("").functions) == [fn_blob]
+        task = seal_task(make_task(fn_blob, pickle_args(square, (i,), {}, KEY)), f"sid_{i}", KEY)
+        assert lambda_handler(task, None)["ok"]
+    assert list(worker_scope.scope_named("").functions) == [fn_blob]
 
 
 def test_a_function_signed_for_another_scope_is_refused():
@@ -209,15 +222,55 @@ def test_an_output_that_is_no_envelope_is_an_error_for_our_tasks():
 
 def test_the_envelope_is_json_and_signed_for_its_task():
     task = call_task(square, 4)
-    answer = lambda_handler(task, None)
+    answer = lambda_handler(seal_task(task, TASK_ID, KEY), None)
     json.dumps(answer)  # JSON-safe
-    assert answer["binding"] == task_binding(task)
+    assert answer["binding"] == output_binding(TASK_ID, task_binding(task))
     assert loads_signed(answer["result"], KEY, answer["binding"]) == 16
     with pytest.raises(SignatureError):  # signed for this task only
         loads_signed(answer["result"], KEY)
     other = task_binding(call_task(square, 5))
-    ok, error = decode_output(json.dumps(answer), KEY, binding=other)
+    ok, error = decode_output(json.dumps(answer), KEY, binding=other, task_id=TASK_ID)
     assert not ok and isinstance(error, SignatureError) and "another task" in str(error)
+    # the same call's output, taken for another task id: refused too
+    ok, error = decode_output(json.dumps(answer), KEY, binding=task_binding(task), task_id="sid_1")
+    assert not ok and isinstance(error, SignatureError)
+    assert decode_output(json.dumps(answer), KEY, binding=task_binding(task), task_id=TASK_ID) == (True, 16)
+
+
+def test_signed_parts_of_two_calls_recombined_are_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "unpickled"
+    # two genuine calls signed with the grid secret; the second's arguments would create the
+    # marker when unpickled
+    first = seal_task(call_task(square, 3), "sid_0", KEY)
+    second = seal_task(make_task(pickle_function(identity, KEY), pickle_args(identity, (_Evil(str(marker)),),
+                                                                             {}, KEY)), "sid_1", KEY)
+    recombined = [{**first, "args": second["args"]},            # a function with another call's arguments
+                  {**second, "fn": first["fn"]},                # the same, keeping the other seal
+                  {**first, "init": dumps_signed((print, ()), KEY)},   # an initializer added
+                  {k: v for k, v in first.items() if k not in ("seal", "task_id")}]   # no seal
+    for task in recombined:
+        answer = lambda_handler(task, None)
+        assert answer["ok"] is False and answer["error"] == "signature", answer
+        assert "refusing to unpickle" in answer["message"]
+    assert not marker.exists()
+
+
+def test_an_input_replayed_under_another_task_is_refused_where_the_agent_names_the_task(tmp_path):
+    task = seal_task(call_task(square, 3), "sid_0", KEY)
+    assert decode_output(json.dumps(lambda_handler(task, _Context("sid_0"))), KEY) == (True, 9)
+    answer = lambda_handler(task, _Context("other_4"))
+    assert answer["error"] == "signature" and "sealed for task sid_0, not for other_4" in answer["message"]
+    # a Lambda's request id names no task: there the guard's task id is checked instead
+    assert lambda_handler(task, _Context("c6af9ac6-7b61-11e6-9a41-93e8deadbeef"))["ok"]
+
+
+def test_a_sealed_task_keeps_its_binding_whatever_the_connector_adds():
+    task = call_task(square, 3)
+    sealed = seal_task(task, "sid_7", KEY)
+    assert task_binding(sealed) == task_binding(task) and "seal" not in task  # the caller's dict is kept
+    assert codec.check_seal(sealed, KEY, "sid_7") == ("sid_7", task_binding(task))
+    with pytest.raises(SignatureError):
+        codec.check_seal(seal_task(task, "sid_7", "another-key"), KEY)
 
 
 def test_plain_data_and_by_value_objects_both_round_trip():
@@ -265,13 +318,13 @@ def test_the_envelope_carries_what_the_task_wrote_and_the_streams_still_get_it(c
     out, err = capsys.readouterr()
     assert out == "stdout line of 3\n" and "stderr line of 3" in err and "a warning about 3" in err
     assert "logs" not in json.loads(run(call_task(square, 3)))  # a silent task: no logs at all
-    ok, exc, logs = worker.decode_output_and_logs(json.dumps(failed), KEY)
+    ok, exc, logs = codec.decode_output_and_logs(json.dumps(failed), KEY)
     assert not ok and isinstance(exc, ValueError) and logs == failed["logs"]
 
 
 def test_log_note_is_a_note_on_311_and_a_message_line_before():
     exc = ValueError("boom")
-    worker.log_note(exc, "a\nb\n", "sid_0")
+    codec.log_note(exc, "a\nb\n", "sid_0")
     if hasattr(exc, "__notes__"):
         assert exc.__notes__ == ["--- last 2 log lines of task sid_0; all of them: htcgrid-executor logs sid_0 ---\na\nb"]
 
@@ -281,5 +334,5 @@ def test_log_note_is_a_note_on_311_and_a_message_line_before():
             raise AttributeError("add_note")
 
     old = NoNotes("boom")
-    worker.log_note(old, "a\nb\n", "sid_0")
+    codec.log_note(old, "a\nb\n", "sid_0")
     assert str(old).startswith("boom\n--- last 2 log lines of task sid_0") and str(old).endswith("\na\nb")

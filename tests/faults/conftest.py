@@ -7,7 +7,8 @@ import json
 import os
 
 import pytest
-from fault_helpers import FAST, FIGURE_LABELS, FIGURES
+from fault_helpers import FIGURE_LABELS, FIGURES
+from support import FAST
 
 from htcgrid_executor import HTCGridExecutor
 from htcgrid_executor.connector import AWSConnector

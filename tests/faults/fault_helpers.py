@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -17,19 +17,10 @@ from typing import Any
 import psutil
 
 #: heart-beat fast, so that a killed agent's tasks come back within a second
-FAST = dict(heartbeat_sec=0.2, lease_sec=1.0)
 
 HERE = Path(__file__).parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 class DoneCounter:
@@ -92,7 +83,8 @@ def terminal_events(grid: Any) -> collections.Counter[str]:
     """
     counts: collections.Counter[str] = collections.Counter()
     for key in grid.redis.scan_iter(match="htcgrid:session:*:events", count=1000):
-        for event in grid.table.read_events(key.decode(), None):
+        sid = key.decode().removeprefix("htcgrid:session:").removesuffix(":events")
+        for event in grid.table.read_session_events(sid, None):
             counts[event.task_id] += 1
     return counts
 

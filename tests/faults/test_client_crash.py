@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from fault_helpers import HERE, data_plane_keys, subprocess_env, wait_for
+from fault_helpers import HERE, data_plane_keys, subprocess_env
+from support import wait_for
 
 from htcgrid_executor import BrokenGridExecutor, GridError, HTCGridExecutor
-from htcgrid_executor.worker import decode_output
+from htcgrid_executor.codec import decode_output
 
 
 def _crash_a_client(grid, tmp_path, *, quick: int, gated: int, consumed: int):

@@ -13,10 +13,12 @@ import time
 import fault_tasks
 import pytest
 import requests
-from fault_helpers import executions, wait_for
+from fault_helpers import executions
+from support import wait_for
 
 from htcgrid_executor import GridError, StorageFullError, wire
-from htcgrid_executor.grid.state_table import PREFIX, key_for
+from htcgrid_executor.grid.state_table import PREFIX
+from htcgrid_executor.grid.state_table import _key_for as key_for
 
 
 def _refuse_writes_as_a_full_disk_does(grid) -> None:
@@ -95,12 +97,12 @@ def test_reads_work_while_redis_refuses_writes(make_grid, make_connector, figure
         answer = events(entries[0][0].decode())
         assert answer.status_code == 200, answer.text
         assert answer.json()["finished"] + answer.json()["failed"] == ended
-        wait_for(lambda: grid.table.write_refusal is not None, timeout=5)  # the TTL sweep saw it
+        wait_for(lambda: grid.control_plane_stats()["write_refusal"] is not None, timeout=5)  # the TTL sweep saw it
         nothing_new = events(answer.json()["cursor"])
         assert nothing_new.status_code == 507 and "MISCONF" in nothing_new.json()["error"]
     finally:
         _take_writes_again(grid)
-    wait_for(lambda: grid.table.write_refusal is None, timeout=5)
+    wait_for(lambda: grid.control_plane_stats()["write_refusal"] is None, timeout=5)
     assert events("0").status_code == 200
     figures["bad_inputs"] += 1
 
@@ -123,7 +125,7 @@ def test_a_paused_redis_does_not_cost_healthy_agents_their_leases(make_grid, mak
         os.kill(pid, signal.SIGCONT)
     assert [f.result(timeout=30) for f in futures] == [1, 4]
     assert executions(log) == {1: 1, 2: 1}, "a call ran twice"
-    assert grid._ttl.stalls >= 1
+    assert grid.control_plane_stats()["ttl_stalls"] >= 1
     figures["redis_pauses"] += 1
 
 
@@ -174,7 +176,7 @@ def test_a_redis_busy_with_a_long_script_is_a_503_that_says_so_and_costs_no_leas
     sid = make_connector(grid).send([{"n": 1}])["session_id"]
     wait_for(lambda: grid.redis.get(PREFIX + "swept_ms"))  # a sweep to measure the stall from
     grid.redis.config_set("lua-time-limit", 100)  # ms: Redis answers BUSY to others after this
-    stalls = grid._ttl.stalls
+    stalls = grid.control_plane_stats()["ttl_stalls"]
     busy = threading.Thread(target=grid.redis.eval, args=(BUSY_LOOP, 0, 1500))
     busy.start()
     try:
@@ -186,5 +188,5 @@ def test_a_redis_busy_with_a_long_script_is_a_503_that_says_so_and_costs_no_leas
     finally:
         busy.join()
         grid.redis.config_set("lua-time-limit", 5000)
-    wait_for(lambda: grid._ttl.stalls > stalls, timeout=5)  # the sweep after it granted leases
+    wait_for(lambda: grid.control_plane_stats()["ttl_stalls"] > stalls, timeout=5)  # the sweep after it granted leases
     figures["bad_inputs"] += 1

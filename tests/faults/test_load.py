@@ -1,4 +1,4 @@
-"""Load: 100+ concurrent sessions from several threads and processes, 50,000 tasks in all. Every
+"""Load: 100+ concurrent sessions from several threads and processes, 20,000 tasks in all. Every
 result is right, the clients' memory does not grow with the work done, and the data plane and
 state table of collected sessions are emptied (by the clients at once, by retention after)."""
 
@@ -12,10 +12,11 @@ import time
 
 import fault_tasks
 import pytest
-from fault_helpers import HERE, subprocess_env, wait_for
+from fault_helpers import HERE, subprocess_env
+from support import wait_for
 
+from htcgrid_executor.codec import decode_output, make_task, pickle_args, pickle_function
 from htcgrid_executor.connector import AWSConnector
-from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickle_function
 
 
 class SessionWatcher(threading.Thread):
@@ -73,7 +74,7 @@ def _thread_client(grid, sessions: int, per_session: int, errors: list, counts: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_100_sessions_from_threads_and_processes_50000_tasks_bounded_memory_nothing_left(
+def test_100_sessions_from_threads_and_processes_20000_tasks_bounded_memory_nothing_left(
         make_grid, tmp_path, figures):
     grid = make_grid(workers=2, retention_sec=5.0)  # outlives the run: keys gone were deleted by clients
     config = grid.write_client_config(tmp_path / "client.json")
@@ -83,16 +84,16 @@ def test_100_sessions_from_threads_and_processes_50000_tasks_bounded_memory_noth
     watcher = SessionWatcher(grid)
     watcher.start()
 
-    # 2 processes: each an executor mapping 2 rounds of 6,250 calls (sessions of at most 500)
-    processes = [subprocess.Popen([sys.executable, str(HERE / "load_client.py"), str(config), "2", "6250", "500"],
+    # 2 processes: each an executor mapping 2 rounds of 2,500 calls (sessions of at most 200)
+    processes = [subprocess.Popen([sys.executable, str(HERE / "load_client.py"), str(config), "2", "2500", "200"],
                                   stdout=subprocess.PIPE, text=True, env=subprocess_env())
                  for _ in range(2)]
-    # 5 threads: each a connector sending 10 sessions of 500 tasks
+    # 5 threads: each a connector sending 10 sessions of 200 tasks
     errors: list[BaseException] = []
     counts: list[int] = []
     gate = tmp_path / "gate"
     all_sent = threading.Barrier(6)  # the 5 threads and this one
-    threads = [threading.Thread(target=_thread_client, args=(grid, 10, 500, errors, counts, str(gate), all_sent))
+    threads = [threading.Thread(target=_thread_client, args=(grid, 10, 200, errors, counts, str(gate), all_sent))
                for _ in range(5)]
     started = time.monotonic()
     for thread in threads:
@@ -116,13 +117,13 @@ def test_100_sessions_from_threads_and_processes_50000_tasks_bounded_memory_noth
     watcher.join()
 
     assert not errors, errors
-    thread_tasks = 5 * 10 * 500
+    thread_tasks = 5 * 10 * 200
     process_tasks = sum(r["calls"] for r in reports)
     lost = (thread_tasks - sum(counts)) + sum(r["wrong"] for r in reports)
     figures["tasks_run"] += thread_tasks + process_tasks
     figures["results_lost"] += lost
     figures["sessions"] += len(watcher.seen)
-    assert thread_tasks + process_tasks == 50_000
+    assert thread_tasks + process_tasks == 20_000
     assert lost == 0
     assert len(watcher.seen) >= 100
     assert watcher.peak_running >= 40  # the thread clients' 50 sessions were in flight together

@@ -4,6 +4,7 @@ is lost, nothing runs twice."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -11,14 +12,17 @@ from concurrent.futures import wait
 
 import fault_tasks
 import pytest
-from fault_helpers import DoneCounter, executions, terminal_events, wait_for
+import redis
+from fault_helpers import DoneCounter, executions, terminal_events
+from support import wait_for
 
 from htcgrid_executor import BrokenGridExecutor, GridError, HTCGridExecutor
-from htcgrid_executor.grid.agent import AgentSettings
+from htcgrid_executor.codec import decode_output, make_task, pickle_args, pickle_function
+from htcgrid_executor.grid import agent as agent_module
+from htcgrid_executor.grid.agent import Agent, AgentSettings
 from htcgrid_executor.grid.child_processes import describe_exit
 from htcgrid_executor.grid.local_grid import start_agent_process
 from htcgrid_executor.grid.redis_server import RedisServer
-from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickle_function
 
 
 def _check_exactly_once(futures, counter, log, n, figures, timeout=90):
@@ -228,3 +232,45 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _InputsUnreadableOnce:
+    """The agent's input read, failing the first time as a Redis going away would, right after
+    the claim (the window a restart of Redis hits in a busy run)."""
+
+    def __init__(self, read) -> None:
+        self._read = read
+        self.failed = False
+
+    def __call__(self, client, task_ids):
+        if not self.failed:
+            self.failed = True
+            raise redis.exceptions.ConnectionError("Redis went away between the claim and the read")
+        return self._read(client, task_ids)
+
+
+@pytest.mark.timeout(60)
+def test_a_claimed_batch_whose_inputs_cannot_be_read_is_given_back_and_runs(make_grid, make_connector,
+                                                                             monkeypatch):
+    grid = make_grid(workers=0, handler="handlers:identity")
+    settings = AgentSettings(redis_url=grid.redis_server.unix_url_for("agent"), handler="handlers:identity",
+                             heartbeat_sec=0.2, lease_sec=1.0, max_batch=4)
+    agent = Agent(settings)
+    flaky = _InputsUnreadableOnce(agent_module.read_inputs)
+    monkeypatch.setattr(agent_module, "read_inputs", flaky)
+    thread = threading.Thread(target=agent.run, name="test-agent", daemon=True)
+    thread.start()
+    try:
+        conn = make_connector(grid)
+        answer = conn.send([{"n": i} for i in range(3)])
+        result = conn.get_results(answer, timeout_sec=20)
+        assert flaky.failed  # the fault was hit
+        # claimed before the failure, they were given back (not held under a live heartbeat for
+        # ever) and the same agent ran them once Redis answered
+        assert result["finished"] == answer["task_ids"]
+        assert [json.loads(out) if isinstance(out, str) else out for out in result["finished_OUTPUT"]] \
+            == [{"n": i} for i in range(3)]
+    finally:
+        agent.stop_event.set()
+        thread.join(15)
+    assert not thread.is_alive()

@@ -9,6 +9,8 @@
 - A pickle is loaded only when its HMAC matches the grid secret: a tampered ``<task_id>-input``
   is refused by the agent, a tampered ``<task_id>-output`` by the client, and neither is ever
   unpickled (a ``Trap`` in the forged pickle would create a file when loaded).
+- Signed parts of different calls recombined, an input replayed under another task, outputs
+  swapped together with their inputs: refused (a task's parts are sealed with its task id).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import fault_tasks
 import psutil
 import pytest
 import redis
-from fault_helpers import wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support import wait_for
 
 from htcgrid_executor import (
     AuthenticationError,
@@ -35,11 +37,12 @@ from htcgrid_executor import (
     SignatureError,
     StorageError,
 )
+from htcgrid_executor.codec import decode_output, make_task, pickle_args, pickle_function, task_binding
 from htcgrid_executor.grid.agent import AGENT_CONFIG_ENV
-from htcgrid_executor.grid.state_table import key_for
-from htcgrid_executor.payload import sign_bytes
-from htcgrid_executor.wire import input_key, output_key
-from htcgrid_executor.worker import decode_output, make_task, pickle_args, pickle_function
+from htcgrid_executor.grid.state_table import _key_for as key_for
+from htcgrid_executor.payload import SignedPickle, sign_bytes
+from htcgrid_executor.states import TaskState
+from htcgrid_executor.wire import decode_task, encode_raw, input_key, is_raw, output_key
 
 
 def _executor_task(grid, fn, *args):
@@ -106,9 +109,13 @@ def test_the_http_api_refuses_a_client_with_a_wrong_key(make_grid, make_connecto
 def test_the_http_api_and_redis_listen_on_loopback_only(make_grid):
     grid = make_grid(workers=2)
     http_port = int(grid.url.rsplit(":", 1)[1])
-    mine = [c for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-    http = [c for c in mine if c.laddr.port == http_port]
-    assert http and all(c.laddr.ip == "127.0.0.1" for c in http)
+    control_plane = psutil.Process(grid.control_plane_stats()["pid"])  # the HTTP API's process
+    listening = [c for c in control_plane.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    http = [c for c in listening if c.laddr.port == http_port]
+    assert http and all(c.laddr.ip == "127.0.0.1" for c in listening)
+    # the user's process listens on nothing: the routes are not among its threads
+    assert not [c for c in psutil.Process().net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == http_port]
     redis_listening = [c for c in psutil.Process(grid.redis_server.pid).net_connections(kind="inet")
                        if c.status == psutil.CONN_LISTEN]
     assert redis_listening and {c.laddr.ip for c in redis_listening} == {"127.0.0.1"}
@@ -125,8 +132,8 @@ def test_no_secret_appears_on_a_command_line(make_grid, make_executor):
     grid = make_grid(workers=2)
     make_executor(grid).submit(fault_tasks.square, 2).result(timeout=30)  # runners up and used
     secrets = [grid.api_key, grid.payload_signing_key, grid.redis_server.password]
-    pids = [grid.redis_server.pid, *grid.agent_pids(), *grid.runner_pids()]
-    assert len(pids) >= 5
+    pids = [grid.redis_server.pid, grid.control_plane_stats()["pid"], *grid.agent_pids(), *grid.runner_pids()]
+    assert len(pids) >= 6
     for pid in pids:
         cmdline = " ".join(psutil.Process(pid).cmdline())
         assert not [s for s in secrets if s in cmdline], f"a secret is on the command line of pid {pid}"
@@ -169,11 +176,21 @@ def test_credentials_config_and_redis_files_are_owner_only(make_grid, tmp_path, 
 
 
 def _read_task(grid, task_id):
-    return json.loads(base64.b64decode(grid.redis.get(input_key(task_id))))
+    """An executor task's input as the local grid holds it (raw: its pickles as bytes), with its
+    signed pickles as text for the forgeries below."""
+    value = grid.redis.get(input_key(task_id))
+    assert is_raw(value), "the executor's tasks go raw to the local grid"
+    return {k: v.text() if isinstance(v, SignedPickle) else v for k, v in decode_task(value).items()}
 
 
 def _write_task(grid, task_id, task):
-    grid.redis.set(input_key(task_id), base64.b64encode(json.dumps(task).encode()))
+    """Write a (forged) task back raw, each text that is a signed blob as bytes again."""
+    def raw_form(value):
+        try:
+            return SignedPickle.from_text(value) if isinstance(value, str) else value
+        except PayloadError:
+            return value  # not a signed blob: stays text, which the worker refuses
+    grid.redis.set(input_key(task_id), encode_raw({k: raw_form(v) for k, v in task.items()}))
 
 
 def _forged_pickle(blob: str, trap_path) -> str:
@@ -286,6 +303,92 @@ def test_an_output_moved_to_another_task_is_refused(make_grid, make_connector, f
     figures["tampered_payloads_refused"] += 1
 
 
+def _data_plane_writer(grid):
+    """An attacker holding the data-plane password alone (the client config's ``redis_url``)."""
+    return redis.Redis.from_url(grid.client_config["redis_url"], socket_timeout=5)
+
+
+def _new_task_ids(executor, known):
+    ids = [tid for record in executor.sessions(timeout=30) for tid in record["task_ids"] if tid not in known]
+    known.update(ids)
+    return ids
+
+
+@pytest.mark.timeout(90)
+def test_signed_parts_of_other_calls_recombined_or_replayed_are_refused_before_unpickling(
+        make_grid, make_executor, tmp_path, figures):
+    """The issue's attack: through the data plane, one call's signed function paired with another
+    call's signed arguments, and a finished call's input replayed under a new task, ran. Each
+    task's parts are now sealed together with its task id: the agent refuses them unrun."""
+    grid = make_grid(workers=0)
+    executor = make_executor(grid)
+    writer = _data_plane_writer(grid)
+    log, trap, gate = tmp_path / "ran.log", tmp_path / "trap", tmp_path / "gate"
+    known: set[str] = set()
+    finished = executor.submit(fault_tasks.logged_square, str(log), 2)
+    (finished_id,) = _new_task_ids(executor, known)
+    finished_input = writer.get(input_key(finished_id))  # the attacker keeps a copy
+    grid.add_agents(1)
+    assert finished.result(timeout=30) == 4
+    # the only agent kept busy, so that the next calls wait in the queue to be tampered with
+    holder = executor.submit(fault_tasks.wait_for_file, str(gate), "held")
+    (holder_id,) = _new_task_ids(executor, known)
+    wait_for(lambda: grid.table.task_state(holder_id) == TaskState.PROCESSING, timeout=30)
+    calls = [executor.submit(fault_tasks.square, 3),
+             # genuine, signed arguments that spring the trap when unpickled
+             executor.submit(fault_tasks.identity, fault_tasks.Trap(str(trap))),
+             executor.submit(fault_tasks.square, 5)]
+    square_id, trap_id, replay_id = _new_task_ids(executor, known)
+    square_task = decode_task(writer.get(input_key(square_id)))  # raw inputs: pickles as bytes
+    trap_task = decode_task(writer.get(input_key(trap_id)))
+    forged = {square_id: {**square_task, "args": trap_task["args"]},  # square with the trap's arguments
+              trap_id: {**trap_task, "fn": square_task["fn"]}}        # the same pair, the other seal
+    for tid, task in forged.items():
+        writer.set(input_key(tid), encode_raw(task))
+    writer.set(input_key(replay_id), finished_input)  # a finished call's input under another task
+    gate.touch()
+    assert holder.result(timeout=30) == "held"
+    refusals = ["not signed together", "not signed together", f"sealed for task {finished_id}, not for {replay_id}"]
+    for future, says in zip(calls, refusals, strict=True):
+        with pytest.raises(SignatureError, match=says):
+            future.result(timeout=30)
+    assert not trap.exists(), "a recombined call's arguments were unpickled"
+    assert log.read_text() == "2\n", "the replayed call ran again"
+    writer.close()
+    figures["tampered_payloads_refused"] += 3
+
+
+@pytest.mark.timeout(60)
+def test_attach_refuses_outputs_swapped_together_with_their_inputs(make_grid, make_connector, figures):
+    """The issue's attack: inputs and outputs of ``square(3)`` and ``square(4)`` swapped in the
+    data plane, and ``attach()`` answered 16 for ``square(3)``. Outputs are signed for their task
+    id; attach checks them against the bindings its records hold (and, for a record without
+    them, against the task's sealed input)."""
+    grid = make_grid(workers=1)
+    connector = make_connector(grid)
+    writer = _data_plane_writer(grid)
+    sessions = []
+    for _ in range(2):
+        tasks = [_executor_task(grid, fault_tasks.square, 3), _executor_task(grid, fault_tasks.square, 4)]
+        response = connector.send(tasks)
+        sessions.append((response, [task_binding(task) for task in tasks]))
+    for response, _ in sessions:
+        wait_for(lambda r=response: grid.table.session_info(r["session_id"])["finished"] == 2, timeout=30)
+        first, second = response["task_ids"]
+        for key_of in (input_key, output_key):
+            a, b = writer.get(key_of(first)), writer.get(key_of(second))
+            writer.set(key_of(first), b)
+            writer.set(key_of(second), a)
+    (kept, bindings), (bare, _) = sessions
+    # a record as HTCGridExecutor.sessions() writes it: with the bindings the client made
+    for records in ([{**kept, "bindings": bindings}], [bare]):
+        for future in HTCGridExecutor.attach(records, config=grid.client_config, broken_after_sec=10):
+            with pytest.raises(SignatureError, match="another task"):
+                future.result(timeout=30)
+    writer.close()
+    figures["tampered_payloads_refused"] += 4
+
+
 # ------------------------------------------------------------------------------- Redis ACL roles
 
 
@@ -362,5 +465,5 @@ def test_the_admin_password_never_leaves_the_grid_process(make_grid):
     grid = make_grid(workers=2)
     admin = grid.redis_server.password
     assert admin not in json.dumps(grid.client_config)
-    for pid in [*grid.agent_pids(), grid.redis_server.pid]:
+    for pid in [*grid.agent_pids(), grid.redis_server.pid, grid.control_plane_stats()["pid"]]:
         assert admin not in json.dumps(_environ(pid)), f"pid {pid} has the admin password"

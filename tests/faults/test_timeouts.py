@@ -8,7 +8,7 @@ from concurrent.futures import wait
 
 import fault_tasks
 import pytest
-from fault_helpers import wait_for
+from support import wait_for
 
 from htcgrid_executor import TaskFailedError
 

@@ -15,8 +15,6 @@ import requests
 from htcgrid_executor import wire
 from htcgrid_executor.grid import LocalGrid
 
-FAST = dict(heartbeat_sec=0.2, lease_sec=1.0)  # a lost worker is noticed within about a second
-
 
 class GridClient:
     """Just enough of a client to drive a grid over its wire protocol."""
@@ -64,7 +62,7 @@ class GridClient:
 
     def outputs(self, sid: str, answer: dict[str, Any]) -> dict[str, Any]:
         values = self.grid.redis.mget([wire.output_key(t) for t in answer["finished"]])
-        return {t: json.loads(wire.decode_output(v)) for t, v in zip(answer["finished"], values, strict=True)}
+        return {t: json.loads(wire.decode_output_text(v)) for t, v in zip(answer["finished"], values, strict=True)}
 
     def cancel(self, sessions: list[str] = (), tasks: list[str] = ()) -> dict[str, Any]:
         query: dict[str, Any] = {"session_ids_to_cancel": list(sessions)}
@@ -76,11 +74,3 @@ class GridClient:
         return answer.json()
 
 
-def wait_for(predicate, timeout: float = 10, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")

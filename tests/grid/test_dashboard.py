@@ -173,12 +173,14 @@ def test_a_missing_or_wrong_key_is_refused_with_no_data(grid, method, path):
 
 def test_the_page_and_its_state_need_the_key_and_keep_it_out_of_the_log(grid, caplog):
     caplog.set_level(logging.DEBUG, logger="htcgrid_executor")
+    grid.control_plane_stats()  # the control plane's process takes the new level now, not in 0.5 s
     page = requests.get(grid.dashboard_url)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert "script-src 'nonce-" in page.headers["Content-Security-Policy"]
     assert page.headers["Referrer-Policy"] == "no-referrer"
     state = requests.get(grid.url + "/dashboard/state", headers={"x-api-key": grid.api_key})
     assert state.status_code == 200 and {"sessions", "agents", "throughput", "failures"} <= set(state.json())
+    grid.control_plane_stats()  # by its answer, every record the control plane logged is logged here
     assert any("/dashboard" in record.getMessage() for record in caplog.records)  # the request is logged
     assert not any(grid.api_key in record.getMessage() for record in caplog.records)  # its key is not
     # a body is refused (no dashboard route reads one) and the API routes still work afterwards

@@ -10,9 +10,10 @@ import urllib.parse
 
 import pytest
 import requests
-from grid_client import GridClient, wait_for
+from grid_client import GridClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import wait_for
 
 from htcgrid_executor import wire
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import time
 
-from grid_client import FAST, GridClient, wait_for
+import pytest
+from grid_client import GridClient
+from support import FAST, wait_for
 
 from htcgrid_executor import wire
 from htcgrid_executor.grid import LocalGrid
@@ -30,7 +33,7 @@ def test_a_raising_handler_gives_a_finished_task_with_lambdas_error_document(cli
     (output,) = client.outputs(sid, answer).values()
     assert output["errorType"] == "ValueError"
     assert output["errorMessage"] == "boom"
-    assert any("grid_handlers.py" in line for line in output["stackTrace"])
+    assert any("handlers.py" in line for line in output["stackTrace"])
 
 
 def test_submitting_the_same_session_twice_runs_its_tasks_once(client, tmp_path):
@@ -89,7 +92,7 @@ def test_a_killed_runner_mid_task_is_retried_and_finishes_once(client, tmp_path)
     assert answer["finished"] == [f"{sid}_0"]
     assert client.outputs(sid, answer) == {f"{sid}_0": {"ok": "done"}}
     assert len(log.read_text().splitlines()) == 2  # the killed attempt and the retry
-    events = client.grid.table.read_events(f"htcgrid:session:{sid}:events", None)
+    events = client.grid.table.read_session_events(sid, None)
     assert [e.state.value for e in events] == ["finished"]  # finished exactly once
 
 
@@ -129,7 +132,7 @@ def test_a_task_over_its_time_limit_is_stopped_and_failed(client, tmp_path):
 
 
 def test_cancel_stops_running_user_code_and_cancels_pending_tasks(tmp_path):
-    with LocalGrid(workers=1, handler="grid_handlers:act", **FAST) as grid:
+    with LocalGrid(workers=1, handler="handlers:act", **FAST) as grid:
         client = GridClient(grid)
         proof, marker = tmp_path / "ran", tmp_path / "started"
         sid = client.submit([{"sleep_unless": str(marker), "sleep": 2, "then_write": str(proof)},
@@ -162,8 +165,50 @@ def test_cancel_by_task_id(client, tmp_path):
     assert sorted(result["finished"]) == [f"{sid}_1", f"{sid}_2"]
 
 
+def test_claim_batch_1_makes_each_agent_hold_one_task_at_a_time():
+    # what the executor's tests rely on: with claim_batch=1 a task the grid reports processing is
+    # the one its agent runs; the claim batch never grows past the setting, even on a deep queue
+    # of tasks short enough that an agent would otherwise double its batch after each claim
+    with LocalGrid(workers=2, handler="handlers:act", claim_batch=1, **FAST) as grid:
+        client = GridClient(grid)
+        quick = client.submit([{"value": i} for i in range(40)])
+        slow = client.submit([{"sleep": 0.02} for _ in range(10)])
+        most = 0  # the most tasks one agent held at once, sampled while they run
+        deadline = time.monotonic() + 30
+        while (client.result(quick, counts=1)["counts"]["finished"] < 40
+               or client.result(slow, counts=1)["counts"]["finished"] < 10):
+            assert time.monotonic() < deadline, "the tasks did not finish in time"
+            held = collections.Counter(grid.table.processing_owners().values())
+            most = max([most, *held.values()])
+        assert most <= 1
+        wait_for(lambda: sum(s["tasks_claimed"] for s in grid.agent_stats().values()) == 50)
+        assert all(s["claims"] == s["tasks_claimed"] for s in grid.agent_stats().values()), grid.agent_stats()
+
+
+def test_short_tasks_are_claimed_in_batches_and_long_ones_one_at_a_time():
+    # a claim costs round trips: 10 ms tasks go several to a claim (about 50 ms of work each),
+    # while a task longer than that is claimed alone, so that it stays pending (free for another
+    # agent, cancellable as pending) until an agent is ready for it
+    with LocalGrid(workers=1, handler="handlers:act", **FAST) as grid:
+        client = GridClient(grid)
+
+        def claims() -> tuple[int, int]:
+            [stats] = grid.agent_stats().values()
+            return stats["claims"], stats["tasks_claimed"]
+
+        short = client.submit([{"sleep": 0.01} for _ in range(60)])
+        client.wait(short, 60)
+        wait_for(lambda: claims()[1] == 60)
+        short_claims = claims()[0]
+        assert short_claims <= 40, f"60 tasks of 10 ms took {short_claims} claims"  # one by one: 60
+        long = client.submit([{"sleep": 0.12} for _ in range(4)])
+        client.wait(long, 4)
+        wait_for(lambda: claims()[1] == 64)
+        assert claims()[0] - short_claims == 4
+
+
 def test_higher_priority_sessions_run_first(tmp_path):
-    with LocalGrid(workers=1, handler="grid_handlers:act", **FAST) as grid:
+    with LocalGrid(workers=1, handler="handlers:act", **FAST) as grid:
         client = GridClient(grid)
         log, marker = tmp_path / "order.log", tmp_path / "started"
         blocker = client.submit([{"sleep_unless": str(marker), "sleep": 0.5}])
@@ -179,7 +224,7 @@ def test_higher_priority_sessions_run_first(tmp_path):
 
 def test_a_restarted_grid_on_the_same_folder_keeps_its_tasks(tmp_path):
     folder = tmp_path / "grid"
-    with LocalGrid(workers=1, handler="grid_handlers:act", folder=folder, **FAST) as grid:
+    with LocalGrid(workers=1, handler="handlers:act", folder=folder, **FAST) as grid:
         client = GridClient(grid)
         done = client.submit([{"value": "before"}])
         client.wait(done, 1)
@@ -188,7 +233,7 @@ def test_a_restarted_grid_on_the_same_folder_keeps_its_tasks(tmp_path):
         wait_for(lambda: marker.exists())
         waiting = client.submit([{"value": "waiting"}])
         api_key = grid.api_key
-    with LocalGrid(workers=1, handler="grid_handlers:act", folder=folder, **FAST) as grid:
+    with LocalGrid(workers=1, handler="handlers:act", folder=folder, **FAST) as grid:
         assert grid.api_key == api_key  # clients' credentials stay valid
         client = GridClient(grid)
         assert client.outputs(done, client.result(done)) == {f"{done}_0": {"ok": "before"}}
@@ -198,7 +243,7 @@ def test_a_restarted_grid_on_the_same_folder_keeps_its_tasks(tmp_path):
 
 
 def test_ended_sessions_are_removed_after_the_retention_period():
-    with LocalGrid(workers=1, handler="grid_handlers:act", retention_sec=0.5, **FAST) as grid:
+    with LocalGrid(workers=1, handler="handlers:act", retention_sec=0.5, **FAST) as grid:
         client = GridClient(grid)
         sid = client.submit([{"value": i} for i in range(3)], listener="retained")
         client.wait(sid, 3)
@@ -220,10 +265,25 @@ def test_client_config_has_the_deployment_keys(grid):
 def test_a_grid_can_use_an_external_redis_that_other_machines_share():
     from htcgrid_executor.grid.redis_server import RedisServer
 
-    with RedisServer() as shared, LocalGrid(workers=1, handler="grid_handlers:act",
+    with RedisServer() as shared, LocalGrid(workers=1, handler="handlers:act",
                                             redis_url=shared.url, **FAST) as grid:
         assert grid.redis_server is None  # it started none of its own
         client = GridClient(grid)
         sid = client.submit([{"value": "external"}])
         assert client.outputs(sid, client.wait(sid, 1)) == {f"{sid}_0": {"ok": "external"}}
         assert shared.client().exists(f"htcgrid:session:{sid}")
+
+
+def test_a_stopped_grid_refuses_to_start_again_and_says_what_to_do(tmp_path):
+    from htcgrid_executor.grid.local_grid import GridState
+
+    grid = LocalGrid(workers=1, **FAST)
+    assert grid.state is GridState.NEW
+    grid.start()
+    assert grid.start() is grid and grid.state is GridState.RUNNING  # repeatable while it runs
+    grid.stop()
+    assert grid.state is GridState.STOPPED
+    with pytest.raises(RuntimeError, match="make a new one"):
+        grid.start()
+    grid.stop()  # still idempotent
+    assert grid.agent_pids() == []

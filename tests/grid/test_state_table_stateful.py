@@ -7,27 +7,18 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from htcgrid_executor import wire
-from htcgrid_executor.grid.redis_server import RedisServer
-from htcgrid_executor.grid.state_table import StateTable, key_for
+from htcgrid_executor.grid.state_table import StateTable
+from htcgrid_executor.grid.state_table import _key_for as key_for
 from htcgrid_executor.states import TaskState, Transition, is_allowed
 
 AGENTS = ["agent-a", "agent-b"]
 MAX_RETRIES = 2
 TERMINAL = {"finished", "failed", "cancelled"}
-
-
-@pytest.fixture(scope="module")
-def redis_client():
-    with RedisServer() as server:
-        client = server.client()
-        yield client
-        client.close()
 
 
 class StateTableMachine(RuleBasedStateMachine):
@@ -158,7 +149,7 @@ class StateTableMachine(RuleBasedStateMachine):
     def every_task_is_where_the_model_says(self):
         for sid, count in self.sessions.items():
             tids = wire.task_ids_for(sid, count)
-            events = self.table.read_events(key_for("session_events", sid), None)
+            events = self.table.read_session_events(sid, None)
             ended = [e.task_id for e in events]
             assert len(ended) == len(set(ended)), "a task ended twice"
             assert {e.task_id: e.state.value for e in events} == {
@@ -185,3 +176,33 @@ def test_the_state_table_never_loses_or_duplicates_a_task(redis_client):
     runner.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                suppress_health_check=[HealthCheck.function_scoped_fixture])
     runner().runTest()
+
+
+def test_the_state_table_in_tiny_chunks_never_loses_or_duplicates_a_task(redis_client, monkeypatch):
+    """The same, with submits and cancels split into a script per task or two, and claims that
+    look at two queue entries per script: the chunked paths must keep every rule."""
+    from htcgrid_executor.grid import state_table
+
+    for name, size in (("SUBMIT_CHUNK", 2), ("CANCEL_CHUNK", 1), ("CLAIM_LOOK", 2)):
+        monkeypatch.setattr(state_table, name, size)
+    StateTableMachine.client = redis_client
+    runner = StateTableMachine.TestCase
+    runner.settings = settings(max_examples=30, stateful_step_count=30, deadline=None,
+                               suppress_health_check=[HealthCheck.function_scoped_fixture])
+    runner().runTest()
+
+
+def test_the_lua_spells_no_key_or_state_and_gets_them_from_python():
+    # the layout is changed in one place: the scripts use the names the header defines, and the
+    # header is made from PREFIX, wire's data-plane suffixes and TaskState
+    from htcgrid_executor.grid import lua_scripts
+    from htcgrid_executor.grid.state_table import _HEADER, PREFIX
+
+    spelt = [f"'{PREFIX}", "P ..", f"'{wire.INPUT_SUFFIX}'", f"'{wire.OUTPUT_SUFFIX}'",
+             f"'{wire.PAYLOAD_SUFFIX}'", *(f"'{state.value}'" for state in TaskState)]
+    for name in lua_scripts.__all__:
+        body = getattr(lua_scripts, name)
+        assert [s for s in spelt if s in body] == [], name
+    assert f"local QUEUES_KEY = '{PREFIX}queues'" in _HEADER
+    assert f"return name .. '{wire.OUTPUT_SUFFIX}'" in _HEADER
+    assert all(f"local {state.name} = '{state.value}'" in _HEADER for state in TaskState)
