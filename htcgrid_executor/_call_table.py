@@ -6,9 +6,11 @@ grid actions queued for the sender, under one lock::
     (pickling here)  (lock)     cancel_tasks / cancel_sessions          │ decode outputs
                                 delete_session_data ◀──── cleanups ─────┘ resolve futures
 
-Only the caller pickles (so an unpicklable call fails in the caller); only the sender
-(``_sender.py``) talks to the grid to change it; only the poller (``_poller.py``, and a cancel
-callback, for the future it cancels) moves a future out of PENDING. The executor and both
+Only the caller pickles (so an unpicklable call fails in the caller); the sender
+(``_sender.py``) talks to the grid to change it, except that a caller's ``Future.cancel()``
+cancels its sent task itself (:meth:`_CallTable.cancel`: True must mean never run, which only the
+grid can tell); the poller (``_poller.py``) moves futures out of PENDING, and so does a cancel,
+for the futures it claimed. The executor and both
 threads call the table's methods, never its fields. Each method says whether it *takes the lock*
 or expects it *held*; the lock guards every field of the table and of its :class:`_ExecutorFlags`.
 """
@@ -23,7 +25,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from ._calls import _Batch, _Call, _ExecutorFlags, _GridActions, _Session, settle
+from ._calls import (
+    _Batch,
+    _Call,
+    _ExecutorFlags,
+    _GridActions,
+    _Session,
+    notify_cancelled,
+    settle,
+    settle_running,
+)
+from .backoff import spend_until
 from .errors import BrokenGridExecutor
 from .options import TaskOptions
 from .wire import new_session_id, task_ids_for
@@ -48,11 +60,16 @@ class _CallTable:
 
     ``work_ready`` (a condition on ``lock``) wakes the sender; ``poller_wakeup`` wakes an idle
     poller (new session, shutdown). ``options``: the executor's own, for calls given none.
+    ``cancel_unless_started``: cancels sent tasks no worker has claimed, answering the others as
+    ``(claimed, ended)`` sets.
     """
 
     def __init__(self, listener: str, options: TaskOptions, *, deployment: bool, batch_size: int,
-                 batch_window: float) -> None:
+                 batch_window: float, broken_after_sec: float,
+                 cancel_unless_started: Callable[[list[str]], tuple[set[str], set[str]]] | None) -> None:
         self.listener = listener
+        self._cancel_unless_started = cancel_unless_started  # None: a deployment without the guard
+        self._broken_after_sec = broken_after_sec
         self.options = options
         self.deployment = deployment
         self.batch_size = batch_size
@@ -60,6 +77,7 @@ class _CallTable:
         self.lock = threading.Lock()
         self.work_ready = threading.Condition(self.lock)
         self.poller_wakeup = threading.Event()
+        self.sessions_sent = threading.Condition(self.lock)  # notified as each send returns
         # `lock` guards every attribute below
         self.flags = _ExecutorFlags()
         self._buffer: collections.deque[_Call] = collections.deque()
@@ -68,7 +86,6 @@ class _CallTable:
         self._tasks: dict[str, _Call] = {}  # task id -> call, until its task is terminal
         self._sessions: dict[str, _Session] = {}  # session id -> session with tasks not terminal
         self._actions = _GridActions()
-        self._premarked: set[str] = set()  # task ids shutdown() marked cancelled itself (deployment)
 
     # ---- the executor (caller threads) ------------------------------------------------------
 
@@ -102,29 +119,79 @@ class _CallTable:
                 self.work_ready.notify()
         return [call.future for call in calls]
 
-    def on_cancelled(self, call: _Call) -> None:
-        """A call's future was cancelled (its done callback): cancel its task too. Takes the lock."""
+    def cancel(self, calls: list[_Call]) -> list[bool]:
+        """``Future.cancel()`` of these calls, with the stdlib's promise kept: True for each call
+        that will never run. An unsent call is never sent; the sent ones are cancelled on the
+        grid by :meth:`_cancel_sent`; one claimed already (running, resolved or resolving) keeps
+        its state. Takes the lock (not while it asks the grid)."""
         with self.lock:
-            notify = not call.claimed
-            call.claimed = True
-            if call.task_id is not None and not call.done:
+            fresh = [call for call in calls if not call.claimed]
+            ask = self._cancel_unless_started is not None
+            mine = [call for call in fresh if call.task_id is None or not ask]
+            for call in mine:
+                call.claimed = True  # this thread cancels the future; the sender skips it
+                if call.task_id is not None:
+                    self._give_up_on(call)
+        never_run = {id(call) for call in mine}
+        claimed_here, cancelled = self._cancel_sent([c for c in fresh if id(c) not in never_run])
+        never_run |= cancelled
+        for call in mine + claimed_here:
+            if Future.cancel(call.future):
+                notify_cancelled(call.future)
+            else:  # resolved meanwhile by the broken path
+                never_run.discard(id(call))
+        for call in calls:
+            if id(call) in never_run:
+                Future.cancel(call.future)  # (if the poller claimed it, it notifies the waiters)
+        return [id(call) in never_run or call.future.cancelled() for call in calls]
+
+    def _cancel_sent(self, calls: list[_Call]) -> tuple[list[_Call], set[int]]:
+        """Cancel sent calls on the grid unless a worker has claimed them; returns the calls this
+        thread claimed (to cancel here) and the ``id()`` of each call that never runs. A call a
+        worker has runs: its future now runs, as the poller would make it; one the grid ended is
+        the poller's to resolve; a grid not answering within ``broken_after_sec`` cancels none."""
+        if not calls:
+            return [], set()
+        deadline = time.monotonic() + self._broken_after_sec
+        with self.lock:  # a session's tasks exist on the grid once its send has returned
+            def unsent() -> list[_Call]:
+                return [c for c in calls if not c.claimed and not getattr(
+                    self._sessions.get(_session_id_of(c.task_id or "")), "sent", True)]
+            while unsent() and self.flags.broken is None and time.monotonic() < deadline:
+                self.sessions_sent.wait(0.05)
+            waiting = {id(c) for c in unsent()}
+            ask = [c for c in calls if not c.claimed and id(c) not in waiting]
+        try:
+            with spend_until(deadline):
+                started, ended = self._cancel_unless_started([c.task_id for c in ask]) if ask else (set(), set())
+        except Exception as exc:  # noqa: BLE001 - not known to be cancelled: left to run
+            logger.debug("could not cancel %d tasks on the grid (%s): they go on", len(ask), exc)
+            return [], set()
+        never_run = [c for c in ask if c.task_id not in started and c.task_id not in ended]
+        with self.lock:
+            claimed_here = [c for c in never_run if not c.claimed]  # (else the poller resolves it)
+            for call in ask:
+                if call.task_id in started and not call.claimed:  # (running() agrees with cancel())
+                    call.claimed = True
+                    settle_running(call.future)  # no callbacks run: safe under the lock
+            for call in claimed_here:
+                call.claimed = True
                 if self.deployment:
-                    # A deployment cannot cancel one task: its handler skips a task marked
-                    # cancelled, and the call is forgotten now, so that nothing waits for the grid
-                    # to run it (shutdown(cancel_futures=True) returns at once). A session left with
-                    # only such tasks is cancelled as a whole (see _pop_terminal).
-                    if call.task_id not in self._premarked:
-                        self._actions.cancel_marks.append(call.task_id)
-                    session = self._sessions.get(_session_id_of(call.task_id))
-                    if session is not None:
-                        session.cancelled_here = True
-                    self._pop_terminal(call.task_id)
-                else:
-                    self._actions.cancels.append(call.task_id)
-                self.work_ready.notify()
-        if notify:
-            # wait() and as_completed() count a cancelled future only once notified
-            call.future.set_running_or_notify_cancel()
+                    self._give_up_on(call)
+        return claimed_here, {id(c) for c in never_run}
+
+    def _give_up_on(self, call: _Call) -> None:
+        """Forget a cancelled call the grid will not report: on a deployment a handler skips a
+        marked task later or never, and nothing is to wait for that (a session left with only
+        such tasks is cancelled whole: :meth:`_pop_terminal`). Lock held."""
+        if self.deployment:
+            session = self._sessions.get(_session_id_of(call.task_id or ""))
+            if session is not None:
+                session.cancelled_here = True
+            self._pop_terminal(call.task_id or "")
+        else:  # a grid of this package without single-task cancel (never expected)
+            self._actions.cancels.append(call.task_id or "")
+        self.work_ready.notify()
 
     def outstanding_sessions(self) -> list[dict[str, Any]]:
         """Records of the sessions sent and not fully collected. Takes the lock."""
@@ -165,50 +232,21 @@ class _CallTable:
         self.poller_wakeup.set()
         return futures
 
-    def request_stop(self, *, cancel_futures: bool, kill_running: bool,
-                     begun: Callable[[list[str]], set[str]] | None = None) -> None:
-        """The shutdown flag plus the grid-side cancellations of ``shutdown()``. Takes the lock.
-
-        ``begun`` (a deployment's, with the worker guard) marks sent tasks cancelled and answers
-        those a worker had begun: their futures are left to run, as under ProcessPoolExecutor."""
+    def request_stop(self, *, cancel_futures: bool, kill_running: bool) -> None:
+        """The shutdown flag, and what ``shutdown()`` does on the grid: ``cancel_futures`` cancels
+        every call not started as :meth:`cancel` does, before any session cancel of
+        ``kill_running`` (which would end them as running ones). Takes the lock."""
         with self.lock:
             self.flags.shutdown = True
-            pending: list[_Call] = []
-            if cancel_futures:
-                pending = [c for c in self._buffer if not c.claimed]
-                pending += [c for c in self._tasks.values() if not c.claimed]
-            if kill_running and cancel_futures:
-                self._actions.session_cancels.extend(sid for sid, s in self._sessions.items() if s.sent)
-            elif kill_running:
+            pending = [c for c in (*self._buffer, *self._tasks.values()) if not c.claimed] if cancel_futures else []
+            if kill_running and not cancel_futures:
                 self._actions.cancels.extend(tid for tid, c in self._tasks.items() if c.claimed and not c.done)
             self.work_ready.notify_all()
-        if pending and begun is not None:
-            pending = self._not_begun(pending, begun)
-        for call in pending:
-            call.future.cancel()  # the done callback notifies waiters and queues the grid cancel
-        self.poller_wakeup.set()
-
-    def _not_begun(self, calls: list[_Call], begun: Callable[[list[str]], set[str]]) -> list[_Call]:
-        """The calls no worker has begun, which ``shutdown(cancel_futures=True)`` cancels; the
-        others' futures now run (a deployment does not say when a task starts, its run markers
-        do). Their cancel marks are written by ``begun``, at once, not by the sender. Takes the lock."""
-        sent = [c.task_id for c in calls if c.task_id is not None]
-        try:
-            started = begun(sent) if sent else set()
-        except Exception as exc:  # noqa: BLE001 - unknown: cancel them all, the sender marks them
-            logger.debug("cannot read the run markers (%s): every pending call is cancelled", exc)
-            return calls
-        with self.lock:
-            self._premarked.update(sent)
-            running = [c for c in calls if c.task_id in started and not c.claimed]
-            for call in running:
-                call.claimed = True
-        for call in running:
-            try:
-                call.future.set_running_or_notify_cancel()
-            except RuntimeError:
-                pass  # resolved meanwhile by the broken path
-        return [c for c in calls if c.task_id not in started]
+        self.cancel(pending)
+        if kill_running and cancel_futures:
+            with self.lock:
+                self._actions.session_cancels.extend(sid for sid, s in self._sessions.items() if s.sent)
+        self.wake()
 
     def kill_running(self) -> int:
         """Queue the cancellation of the tasks whose futures run; how many. Takes the lock."""
@@ -299,6 +337,7 @@ class _CallTable:
                         self._tasks[tid] = call
                 session.response["task_ids"] = returned
             session.sent = True
+            self.sessions_sent.notify_all()
         self.poller_wakeup.set()
 
     # ---- the poller -------------------------------------------------------------------------
@@ -335,7 +374,9 @@ class _CallTable:
             for tid in batch.cancelled:
                 call = self._pop_terminal(tid)
                 if call is not None:
-                    ends.append((call, False, "cancelled", None))
+                    need_claim = not call.claimed
+                    call.claimed = True
+                    ends.append((call, need_claim, "cancelled", None))
         return starts, ends
 
     def keep_logs(self, logs_of: dict[str, str]) -> None:
@@ -403,22 +444,20 @@ class _CallTable:
         with self.lock:
             if self.flags.broken is not None:
                 return
-            broken = self.flags.broken = BrokenGridExecutor(message)
-            broken.__cause__ = cause
+            self.flags.broken = _broken(message, cause)
             calls = list(self._buffer) + list(self._tasks.values())
             self._buffer.clear()
             self._tasks.clear()
             self._sessions.clear()
             self._actions.cancels.clear()
-            self._actions.cancel_marks.clear()
             self._actions.session_cancels.clear()
             self.work_ready.notify_all()
         logger.debug("executor broken: %s", message)
-
-        def factory() -> BaseException:
-            exc = BrokenGridExecutor(message)
-            exc.__cause__ = cause
-            return exc
-
-        self.fail(calls, factory)
+        self.fail(calls, lambda: _broken(message, cause))
         self.poller_wakeup.set()
+
+
+def _broken(message: str, cause: BaseException | None) -> BrokenGridExecutor:
+    exc = BrokenGridExecutor(message)
+    exc.__cause__ = cause
+    return exc

@@ -6,6 +6,7 @@ fields are guarded by the table's lock; :func:`settle` resolves a future outside
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,55 @@ class _ExecutorFlags:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
 
+class _GridFuture(Future):  # type: ignore[type-arg]
+    """The Future of a grid call: a real ``concurrent.futures.Future``, whose :meth:`cancel`
+    keeps the stdlib's promise on a grid, where the call runs in another process that the
+    executor learns about only through the grid."""
+
+    def __init__(self, call: _Call) -> None:
+        super().__init__()
+        self._call = call
+
+    def cancel(self) -> bool:
+        """Cancel the call unless it is running or done, as the stdlib's: True means it never runs.
+
+        A call already sent is cancelled on the grid first, in this thread (one request, which
+        waits at most ``broken_after_sec``): if a worker has taken it meanwhile, it runs and this
+        returns False. To cancel many futures, ``shutdown(cancel_futures=True)`` (and ``map``'s
+        own clean-up) asks for all of them at once."""
+        return self._call.table.cancel([self._call])[0]
+
+
+def cancel_all(futures: Iterable[Future[Any]]) -> None:
+    """``cancel()`` each future, with one grid request per executor for the grid's ones."""
+    by_table: dict[int, tuple[_CallTable, list[_Call]]] = {}
+    for future in futures:
+        if isinstance(future, _GridFuture):
+            table = future._call.table
+            by_table.setdefault(id(table), (table, []))[1].append(future._call)
+        else:
+            future.cancel()
+    for table, calls in by_table.values():
+        table.cancel(calls)
+
+
+def settle_running(future: Future[Any]) -> None:
+    """Move a claimed future to RUNNING (it may have been resolved by the broken path)."""
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:
+        pass
+
+
+def notify_cancelled(future: Future[Any]) -> None:
+    """Tell ``wait()`` and ``as_completed()`` about a future cancelled here (they count a
+    cancelled future only once notified); once, by the thread that claimed it."""
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:
+        pass  # notified already
+
+
 class _Call:
     """One grid task and its future. Small on purpose: a million may be outstanding.
 
@@ -54,7 +104,7 @@ class _Call:
 
     def __init__(self, table: _CallTable, task: dict[str, Any], raw: bool, size: int = 0,
                  options: TaskOptions | None = None) -> None:
-        self.future: Future[Any] = Future()
+        self.future: _GridFuture = _GridFuture(self)
         # the grid options it is sent with: calls with equal options go in one session
         self.options = table.options if options is None else options
         self.size = size  # bytes its task takes in the data plane: batches are capped by it
@@ -66,12 +116,6 @@ class _Call:
         self.done = False  # terminal on the grid (or given up on)
         self.raw = raw
         self.table = table
-        self.future.add_done_callback(self)
-
-    def __call__(self, future: Future[Any]) -> None:
-        # done callback: a cancelled future also cancels its task on the grid
-        if future.cancelled():
-            self.table.on_cancelled(self)
 
 
 class _Session:
@@ -105,14 +149,13 @@ class _GridActions:
 
     sends: list[_Batch] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)  # task ids to cancel on the grid
-    cancel_marks: list[str] = field(default_factory=list)  # task ids to mark cancelled (deployment)
     session_cancels: list[str] = field(default_factory=list)  # session ids to cancel on the grid
     cleanups: list[dict[str, Any]] = field(default_factory=list)  # collected sessions whose data to delete
     # task id -> its captured logs, to keep in the data plane past the session's deletion
     log_copies: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.sends or self.cancels or self.cancel_marks or self.session_cancels or self.cleanups
+        return bool(self.sends or self.cancels or self.session_cancels or self.cleanups
                     or self.log_copies)
 
 

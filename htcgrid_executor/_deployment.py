@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .options import TaskOptions
@@ -43,6 +44,18 @@ class _DeploymentTraits:
             warn_once_about_deployment(self.guard is None, options.retry_count)
         self.guard_lease_sec = float(client_config.get("htcgrid_worker_guard_lease_sec", _GUARD_LEASE_SEC))
         self.call_sec: float | None = None  # measured seconds per call (deployment), for map's chunks
+
+    def cancel_unless_started(self, connector: GridConnector) -> Callable[[list[str]], tuple[set[str], set[str]]] | None:
+        """How this grid cancels sent tasks that no worker has begun, answering ``(started,
+        ended)`` of the others: the local grid's atomic cancel of pending tasks; a deployment's
+        cancel marks, which the guard's run markers make exact (a begun task counts as started,
+        its end reported later). None without the guard: a deployment cannot."""
+        if not self.deployment:
+            return connector.cancel_tasks_unless_started
+        if self.guard is None:
+            return None
+        mark = connector.mark_cancelled_unless_started
+        return lambda task_ids: (mark(task_ids), set())
 
     def seal(self, tasks: list[dict[str, Any]], task_ids: list[str], raws: list[bool], key: str | None,
              options: TaskOptions) -> None:

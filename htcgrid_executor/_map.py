@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._calls import cancel_all
 from .codec import check_task_size, make_task, pickle_chunk
 from .options import TaskOptions
 
@@ -77,8 +78,7 @@ class _MapCalls:
             if group:
                 fs.extend(self.enqueue(executor, group))
         except BaseException:
-            for future in fs:  # do not leave half a map running unseen
-                future.cancel()
+            cancel_all(fs)  # do not leave half a map running unseen
             raise
         return fs
 
@@ -136,8 +136,7 @@ def _results(executor_ref: Callable[[], HTCGridExecutor | None], calls: _MapCall
             while results:
                 yield results.pop()
     finally:
-        for future in fs:
-            future.cancel()
+        cancel_all(fs)
 
 
 def _result_or_cancel(future: Future[T], timeout: float | None = None) -> T:

@@ -17,12 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _lifecycle
-from ._calls import settle
+from ._calls import notify_cancelled, settle, settle_running
 from ._outage import _Outage
 from .codec import decode_output_and_logs, log_note
 from .errors import BadRequestError, TaskFailedError
@@ -204,10 +204,7 @@ class _PollerThread(threading.Thread):
         changed."""
         starts, ends = self._table.take_changes(batch)
         for call in starts:
-            try:
-                call.future.set_running_or_notify_cancel()
-            except RuntimeError:
-                pass  # resolved meanwhile by the broken path
+            settle_running(call.future)
         logs_of: dict[str, str] = {}
         for call, need_claim, kind, value in ends:
             self._resolve(call, need_claim, kind, value, logs_of)
@@ -227,10 +224,14 @@ class _PollerThread(threading.Thread):
             settle(call, need_claim, ok, result)
         elif kind == "failed":
             settle(call, need_claim, False, TaskFailedError(str(value), call.task_id))
-        elif not call.future.cancel():
+        elif need_claim:  # cancelled on the grid before it started (by another client, or a session cancel)
+            if Future.cancel(call.future):
+                notify_cancelled(call.future)
+        elif call.future.running():
             # cancelled on the grid while running (kill_running, or another client): a running
             # Future cannot become cancelled, so it raises CancelledError instead
             settle(call, False, False, CancelledError(f"task {call.task_id} was cancelled on the grid while running"))
+        # else cancelled here: cancel() resolves its future
 
     def _wait(self, seconds: float) -> None:
         wakeup = self._table.poller_wakeup

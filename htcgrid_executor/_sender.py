@@ -1,6 +1,7 @@
-"""``htcgrid-sender``: the only thread that changes the grid for an executor. It takes what the
+"""``htcgrid-sender``: the thread that changes the grid for an executor (but for
+``Future.cancel()``, which asks the grid itself: see :meth:`_CallTable.cancel`). It takes what the
 call table hands over (:meth:`_CallTable.next_actions`) and, in this order: keeps captured logs,
-sends each batch as one session, marks and cancels tasks and sessions, and deletes the data of
+sends each batch as one session, cancels sessions and running tasks, and deletes the data of
 collected sessions. Once the executor is closing and nothing is left, it releases what the
 executor owns (``_lifecycle._Owned``) and ends.
 
@@ -32,7 +33,6 @@ __all__: list[str] = []  # private module
 
 logger = logging.getLogger(__name__)
 
-_CANCEL_CHUNK = 500  # task ids per cancel request: the query string stays under 64 KiB
 
 
 class _SenderThread(threading.Thread):
@@ -76,7 +76,7 @@ class _SenderThread(threading.Thread):
             self._best_effort("keep_task_logs", connector.keep_task_logs, actions.log_copies)
         for batch in actions.sends:
             self.send_session(batch)
-        self.cancel_on_grid(actions.cancel_marks, actions.session_cancels, actions.cancels)
+        self.cancel_on_grid(actions.session_cancels, actions.cancels)
         self.delete_collected(actions.cleanups)
 
     def send_session(self, batch: _Batch) -> None:
@@ -105,20 +105,16 @@ class _SenderThread(threading.Thread):
                 time.sleep(outage.next_delay())
         table.mark_sent(batch, list(response.get("task_ids") or []))
 
-    def cancel_on_grid(self, cancel_marks: list[str], session_cancels: list[str], cancels: list[str]) -> None:
-        """Mark cancelled tasks (deployment), cancel sessions, then cancel single tasks."""
+    def cancel_on_grid(self, session_cancels: list[str], cancels: list[str]) -> None:
+        """Cancel sessions, then single tasks (``kill_running``: the grid stops their runners)."""
         connector = self._connector
-        if cancel_marks and self._traits.guard is not None:
-            # one batched write, before any session cancel or clean-up of the same tasks
-            self._best_effort("mark_cancelled", connector.mark_cancelled, cancel_marks)
         if session_cancels:
             self._best_effort("cancel_sessions", connector.cancel_sessions, session_cancels)
             gone = set(session_cancels)
             cancels = [tid for tid in cancels if tid.rpartition("_")[0] not in gone]
         if cancels and connector.extensions is not False:
             # (a plain deployment cannot cancel single tasks: they run, their futures stay cancelled)
-            for start in range(0, len(cancels), _CANCEL_CHUNK):
-                self._best_effort("cancel_tasks", connector.cancel_tasks, cancels[start:start + _CANCEL_CHUNK])
+            self._best_effort("cancel_tasks", connector.cancel_tasks, cancels)
 
     def delete_collected(self, cleanups: list[dict[str, Any]]) -> None:
         """Delete the data of fully collected sessions (guarded on a deployment: a replayed

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._calls import cancel_all
 from ._deployment import warn_once_about_deployment
 from .options import KEEP, TaskOptions
 
@@ -91,8 +92,7 @@ class ExecutorView(Executor):
         and does not, as the executor's own shutdown). Repeatable."""
         self._closed = True
         if cancel_futures:
-            for future in self._tracker.snapshot():
-                future.cancel()
+            cancel_all(self._tracker.snapshot())
         if wait and not self._parent._in_own_thread():
             concurrent.futures.wait(self._tracker.snapshot())
 

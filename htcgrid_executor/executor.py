@@ -109,9 +109,10 @@ class HTCGridExecutor(Executor):
         * ``running()`` becomes True when the grid reports the task processing (an agent that
           claims several short tasks at once reports them all); a task retried after its worker
           was lost stays running.
-        * ``cancel()`` succeeds until then, and cancels the task on the grid too; should it have
-          started in the meantime, its worker process is killed. ``wait()`` and ``as_completed()``
-          see a cancelled future at once.
+        * ``cancel()`` keeps the stdlib's promise, True only for a call that will never run: a
+          call already sent is cancelled on the grid before ``cancel()`` returns (one request, in
+          the caller's thread); if a worker took it meanwhile, ``cancel()`` returns False and the
+          future is running. ``wait()`` and ``as_completed()`` see a cancelled future at once.
         * A running task stops only through :meth:`kill_running` or
           ``shutdown(kill_running=True)``; its future then raises ``CancelledError``.
         * A task the grid gives up on (worker lost past the retries, time limit) raises
@@ -164,7 +165,9 @@ class HTCGridExecutor(Executor):
             self._init_blob = _pickle_initializer(initializer, initargs, self._signing_key)
             self._traits = _DeploymentTraits(connector, options)  # may warn: keep it in __init__
             self._table = _CallTable(connector.new_listener_id(), options, deployment=self._traits.deployment,
-                                     batch_size=batch_size, batch_window=batch_window)
+                                     batch_size=batch_size, batch_window=batch_window,
+                                     broken_after_sec=broken_after_sec,
+                                     cancel_unless_started=self._traits.cancel_unless_started(connector))
             self._shares = _SharedObjects(connector)
             self._broken_after_sec = broken_after_sec
             self._threads = self._make_threads(owns_connector, broken_after_sec)
@@ -301,10 +304,9 @@ class HTCGridExecutor(Executor):
         on the grid. Without them, work already submitted still runs to the end. Called from a
         done callback (they run in the executor's poller thread) it cannot wait, and does not.
         """
-        begun = self._connector.mark_cancelled_unless_started if self._traits.guard is not None else None
-        # (begun reads the grid in this thread: on a lost grid, no longer than broken_after_sec)
+        # (cancel_futures asks the grid in this thread: on a lost grid, no longer than broken_after_sec)
         with spend_until(time.monotonic() + self._broken_after_sec):
-            self._table.request_stop(cancel_futures=cancel_futures, kill_running=kill_running, begun=begun)
+            self._table.request_stop(cancel_futures=cancel_futures, kill_running=kill_running)
         if wait:
             _lifecycle.join(self._threads)
 

@@ -168,6 +168,9 @@ DEFAULT_MAX_PAYLOAD_BYTES = 500 * 1024 * 1024
 #: other clients (the agents' heartbeats among them) are served between the pieces of a 200 MB value
 REDIS_PIECE_BYTES = 32 * 1024 * 1024
 
+#: task ids per ``POST /cancel``: the query string stays well under the 64 KiB request line
+CANCEL_IDS_PER_REQUEST = 500
+
 
 def encoded_size(json_length: int) -> int:
     """Bytes a value whose JSON text is ``json_length`` characters takes in the data plane

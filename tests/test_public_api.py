@@ -225,7 +225,7 @@ def test_connector_keeps_the_seeds_api():
         # the public client's two-step construction, and a config file
         "init", "from_config_file",
         # beyond the seed: polls, single-task cancel, cleanup, lifecycle
-        "poll_session", "poll_listener", "new_listener_id", "forget_listener", "cancel_tasks",
+        "poll_session", "poll_listener", "new_listener_id", "forget_listener", "cancel_tasks", "cancel_tasks_unless_started",
         "delete_session_data", "mark_cancelled", "mark_cancelled_unless_started", "close", "store", "transport",
         "session_status",
         "keep_task_logs", "task_logs",

@@ -21,7 +21,7 @@ import enum
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import wire
@@ -318,20 +318,47 @@ class AWSConnector(ResultPolling):
         counted. Raises BadRequestError for something that is not a list of task ids, and
         ControlPlaneError when the server is a plain deployment, which cannot cancel single
         tasks."""
+        keys = ("cancelled_pending", "cancelled_processing", "total_cancelled_tasks")
+        total = dict.fromkeys(keys, 0)
+        for counts in self._cancel_task_chunks(check_task_ids(task_ids), pending_only=False):
+            for key in keys:
+                total[key] += int(counts.get(key, 0))
+        return total
+
+    def cancel_tasks_unless_started(self, task_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Cancel those of ``task_ids`` that no worker has claimed yet, atomically on the grid
+        (a local-grid extension): they never run. The others are left as they are, and returned
+        as ``(claimed, ended)``: claimed by a worker (running, or about to), and no longer
+        pending nor running (finished, failed, cancelled before) or unknown to the grid. Raises
+        as :meth:`cancel_tasks` does (ControlPlaneError against a plain deployment)."""
+        claimed: set[str] = set()
+        ended: set[str] = set()
+        for counts in self._cancel_task_chunks(check_task_ids(task_ids), pending_only=True):
+            lists = [counts.get("claimed"), counts.get("ended")]
+            if not all(isinstance(ids, list) and all(isinstance(t, str) for t in ids) for ids in lists):
+                raise ControlPlaneError("POST /cancel: the grid did not say which tasks it could not cancel")
+            claimed.update(lists[0])
+            ended.update(lists[1])
+        return claimed, ended
+
+    def _cancel_task_chunks(self, ids: list[str], *, pending_only: bool) -> Iterator[dict[str, Any]]:
+        """``POST /cancel`` of single tasks, :data:`~htcgrid_executor.wire.CANCEL_IDS_PER_REQUEST`
+        at a time; yields each answer's ``tasks`` counts."""
         _, transport, _ = self._parts()
-        ids = check_task_ids(task_ids)
-        if not ids:
-            return {"cancelled_pending": 0, "cancelled_processing": 0, "total_cancelled_tasks": 0}
-        content = wire.encode_query({"session_ids_to_cancel": [], "task_ids_to_cancel": ids})
-        answer = transport.request("POST", "/cancel", {"submission_content": content}, retry=True)
-        counts = answer.get("tasks") if isinstance(answer, dict) else None
-        if not isinstance(counts, dict):
-            raise ControlPlaneError(
-                "POST /cancel: this grid cannot cancel single tasks (a plain HTC-Grid deployment); "
-                "cancel whole sessions with cancel_sessions()"
-            )
-        return {key: int(counts.get(key, 0)) for key in
-                ("cancelled_pending", "cancelled_processing", "total_cancelled_tasks")}
+        for start in range(0, len(ids), wire.CANCEL_IDS_PER_REQUEST):
+            query: dict[str, Any] = {"session_ids_to_cancel": [],
+                                     "task_ids_to_cancel": ids[start:start + wire.CANCEL_IDS_PER_REQUEST]}
+            if pending_only:
+                query["pending_only"] = True
+            answer = transport.request("POST", "/cancel", {"submission_content": wire.encode_query(query)},
+                                       retry=True)
+            counts = answer.get("tasks") if isinstance(answer, dict) else None
+            if not isinstance(counts, dict):
+                raise ControlPlaneError(
+                    "POST /cancel: this grid cannot cancel single tasks (a plain HTC-Grid deployment); "
+                    "cancel whole sessions with cancel_sessions()"
+                )
+            yield counts
 
     # ------------------------------------------------------------------------------ cleanup
 

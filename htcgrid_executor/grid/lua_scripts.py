@@ -310,7 +310,7 @@ settle()
 return 1
 """
 
-# ARGV: retention, mode ('session' | 'tasks'), ... -> {pending, processing, next}
+# ARGV: retention, mode ('session' | 'tasks' | 'unclaimed'), ... -> {pending, processing, next}
 # 'session', sid, from, chunk: cancels the tasks <sid>_<from> .. <sid>_<from + chunk - 1>; next is
 # from + chunk, or -1 past the session's last task. Called with from = 0, 0 + chunk, ... it marks
 # every task of the session, however big, in short scripts, and acts as one step: the first call
@@ -319,13 +319,22 @@ return 1
 # A submit still creating the session's tasks (or one that stopped half way) is stopped for good:
 # the tasks it had not created yet are cancelled here, as pending ones that never ran.
 # 'tasks', tid...: cancels those tasks (next is -1).
+# 'unclaimed', tid...: cancels those of the tasks still pending, in the queue, and leaves the others
+# as they are: {pending, 0, -1, {claimed tid...}, {ended tid...}} (claimed: processing on an agent;
+# ended: no longer in the table, or unknown). What the executor's Future.cancel() asks: True
+# only for a call no worker can have begun.
 CANCEL = r"""
 local mode = ARGV[2]
 local counts = {0, 0}
-local function cancel_one(sid, tid)
+local claimed, ended = {}, {}
+local function cancel_one(sid, tid, pending_only)
   local tkey = task_key(tid)
   local t = redis.call('HMGET', tkey, 'state', 'owner')
   local s
+  if pending_only and t[1] ~= PENDING then
+    if t[1] == PROCESSING then claimed[#claimed + 1] = tid else ended[#ended + 1] = tid end
+    return
+  end
   if t[1] == PENDING then
     s = session(sid)
     counts[1] = counts[1] + 1
@@ -342,12 +351,14 @@ local function cancel_one(sid, tid)
   end
   announce(s, tid, CANCELLED, CANCELLED, true)
 end
-if mode == 'tasks' then
+if mode == 'tasks' or mode == 'unclaimed' then
   for i = 3, #ARGV do
     local sid = session_of(ARGV[i])
-    if sid then cancel_one(sid, ARGV[i]) end
+    if sid then cancel_one(sid, ARGV[i], mode == 'unclaimed')
+    elseif mode == 'unclaimed' then ended[#ended + 1] = ARGV[i] end
   end
   settle()
+  if mode == 'unclaimed' then return {counts[1], counts[2], -1, claimed, ended} end
   return {counts[1], counts[2], -1}
 end
 local sid, from, chunk = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])

@@ -244,8 +244,17 @@ class Routes:
                 session_of(task_id)
         except PayloadError as exc:
             raise Reject(400, str(exc)) from None
+        pending_only = query.get("pending_only", False)
+        if not isinstance(pending_only, bool) or (pending_only and (sessions or not tasks)):
+            raise Reject(400, "pending_only must be true or false, and true only with task_ids_to_cancel alone")
         answer: dict[str, Any] = self.table.cancel_sessions(list(dict.fromkeys(sessions)))
-        if tasks:
+        if pending_only:
+            unique = list(dict.fromkeys(tasks))
+            claimed, ended = self.table.cancel_pending_tasks(unique)
+            cancelled = len(unique) - len(claimed) - len(ended)
+            answer["tasks"] = {"cancelled_pending": cancelled, "cancelled_processing": 0,
+                               "total_cancelled_tasks": cancelled, "claimed": claimed, "ended": ended}
+        elif tasks:
             answer["tasks"] = self.table.cancel_tasks(list(dict.fromkeys(tasks)))
         return answer
 

@@ -328,6 +328,19 @@ class StateTable:
             processing += more_processing
         return _counts(pending, processing)
 
+    def cancel_pending_tasks(self, task_ids: list[str]) -> tuple[list[str], list[str]]:
+        """Cancel those of ``task_ids`` still pending (no agent has claimed them, so none ever
+        runs), :data:`CANCEL_CHUNK` per script, and leave the others as they are. Returns those
+        others: ``(claimed, ended)``, claimed by an agent (processing), and no longer in the
+        table (finished, failed, cancelled) or never in it."""
+        claimed: list[str] = []
+        ended: list[str] = []
+        for at in range(0, len(task_ids), CANCEL_CHUNK):
+            _, _, _, more_claimed, more_ended = self._run("cancel", "unclaimed", *task_ids[at:at + CANCEL_CHUNK])
+            claimed += [t.decode() for t in more_claimed]
+            ended += [t.decode() for t in more_ended]
+        return claimed, ended
+
     # -- reads ----------------------------------------------------------------------------------
     def session_info(self, session_id: str) -> dict[str, int] | None:
         """Counts per state of a session, or None if it is unknown (or expired)."""

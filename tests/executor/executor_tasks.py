@@ -122,15 +122,19 @@ def return_unpicklable():
 
 
 def get_initialized():
-    return INITIALIZED.get("value"), INITIALIZED.get("count", 0)
+    value = INITIALIZED.get("value")
+    return value, INITIALIZED.get(("count", value), 0)
 
 
+# A grid's runner outlives an executor, and this module is imported by reference, not sent by
+# value: its globals are the runner's, shared by every executor's initializer that ran there. So
+# the count is kept per initargs value (one per test), not per process.
 INITIALIZED: dict = {}
 
 
 def initializer(value):
     INITIALIZED["value"] = value
-    INITIALIZED["count"] = INITIALIZED.get("count", 0) + 1
+    INITIALIZED[("count", value)] = INITIALIZED.get(("count", value), 0) + 1
 
 
 def failing_initializer():

@@ -35,7 +35,7 @@ from executor_tasks import (
     wait_for_file_then_return,
 )
 
-from htcgrid_executor import wire
+from htcgrid_executor import TaskState, wire
 from htcgrid_executor.connector import AWSConnector
 from htcgrid_executor.errors import (
     BadRequestError,
@@ -229,6 +229,49 @@ def test_a_cancelled_pending_task_never_runs(grid_executor, tmp_path):
     assert grid_executor.submit(square, 2).result(timeout=T) == 4  # the workers are free again
     time.sleep(0.3)
     assert not path.exists()
+
+
+def _task_ids_in_order(executor) -> list[str]:
+    """The task ids of the executor's outstanding calls, in submission order (sent first)."""
+    return [tid for record in executor.sessions() for tid in record["task_ids"]]
+
+
+def test_a_successful_cancel_has_cancelled_the_task_on_the_grid_before_it_returns(grid, grid_executor, tmp_path):
+    # cancel() True is the stdlib's promise that the call never runs: the grid must hold the task
+    # cancelled when cancel() returns, not once a background thread gets round to telling it (an
+    # agent freed in between would run it; CI once caught that)
+    gate = tmp_path / "gate"
+    blockers = occupy_until(grid_executor, tmp_path, gate)
+    paths = [tmp_path / f"never-{i}" for i in range(20)]
+    futures = [grid_executor.submit(sleep_then_write, str(p), 0.0) for p in paths]
+    task_ids = _task_ids_in_order(grid_executor)[-20:]  # sessions() sends what is buffered
+    wait_until(lambda: all(grid.table.task_state(t) == TaskState.PENDING for t in task_ids))
+    for future, tid in zip(futures, task_ids, strict=True):
+        assert future.cancel()
+        assert grid.table.task_state(tid) is None  # ended on the grid: no agent can claim it
+        assert future.cancelled() and future.done()
+    gate.write_text("open")
+    assert [f.result(timeout=T) for f in blockers] == [None, None]
+    assert grid_executor.submit(square, 2).result(timeout=T) == 4
+    assert not any(p.exists() for p in paths)
+
+
+def test_a_call_a_worker_has_claimed_cannot_be_cancelled_and_runs(grid, grid_executor, tmp_path):
+    gate = tmp_path / "gate"
+    blockers = occupy_until(grid_executor, tmp_path, gate)
+    path = tmp_path / "runs"
+    future = grid_executor.submit(sleep_then_write, str(path), 0.0)
+    (tid,) = _task_ids_in_order(grid_executor)[-1:]
+    wait_until(lambda: grid.table.task_state(tid) == TaskState.PENDING)
+    # a worker takes it (as an agent's claim does) before the executor has heard of it
+    assert [c.task_id for c in grid.table.claim("test-agent", 1, 30_000)] == [tid]
+    assert not future.cancel()
+    assert future.running()  # cancel() and running() agree at once, as under ProcessPoolExecutor
+    grid.table.release("test-agent", [tid])  # back to the queue, for a real agent to run
+    assert not future.cancel()  # a running future stays running
+    gate.write_text("open")
+    assert [f.result(timeout=T) for f in blockers] == [None, None]
+    assert future.result(timeout=T) == "written" and path.exists()
 
 
 def test_kill_running_stops_user_code(grid_executor, tmp_path):

@@ -156,7 +156,7 @@ def test_initializer_runs_once_per_process_per_initializer():
         for i in range(3):
             task = make_task(fn_blob, pickle_args(square, (i,), {}, KEY), init_blob=init)
             assert decode_output(run(task), KEY) == (True, i * i)
-    assert executor_tasks.INITIALIZED == {"value": "second", "count": 2}
+    assert executor_tasks.INITIALIZED == {"value": "second", ("count", "first"): 1, ("count", "second"): 1}
 
 
 def test_a_failing_initializer_fails_the_task_and_is_tried_again():

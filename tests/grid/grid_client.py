@@ -64,10 +64,12 @@ class GridClient:
         values = self.grid.redis.mget([wire.output_key(t) for t in answer["finished"]])
         return {t: json.loads(wire.decode_output_text(v)) for t, v in zip(answer["finished"], values, strict=True)}
 
-    def cancel(self, sessions: list[str] = (), tasks: list[str] = ()) -> dict[str, Any]:
+    def cancel(self, sessions: list[str] = (), tasks: list[str] = (), pending_only: bool = False) -> dict[str, Any]:
         query: dict[str, Any] = {"session_ids_to_cancel": list(sessions)}
         if tasks:
             query["task_ids_to_cancel"] = list(tasks)
+        if pending_only:
+            query["pending_only"] = True
         answer = self.http.post(self.grid.url + "/cancel",
                                 params={"submission_content": wire.encode_query(query)})
         assert answer.status_code == 200, answer.text

@@ -63,6 +63,10 @@ BAD_REQUESTS = [
     ("POST", "/cancel", {"submission_content": _b64({})}, 400, "nothing to cancel"),
     ("POST", "/cancel", {"submission_content": _b64({"session_ids_to_cancel": "abc"})}, 400, "list"),
     ("POST", "/cancel", {"submission_content": _b64({"task_ids_to_cancel": ["nounderscore"]})}, 400, "task id"),
+    ("POST", "/cancel", {"submission_content": _b64({"task_ids_to_cancel": ["s_0"], "pending_only": 1})}, 400,
+     "pending_only"),
+    ("POST", "/cancel", {"submission_content": _b64({"session_ids_to_cancel": ["s"], "pending_only": True})}, 400,
+     "pending_only"),
     ("GET", "/submit", {"submission_content": "x"}, 405, "not allowed"),
     ("GET", "/nowhere", {}, 404, "no route"),
 ]

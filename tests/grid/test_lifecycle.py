@@ -165,6 +165,24 @@ def test_cancel_by_task_id(client, tmp_path):
     assert sorted(result["finished"]) == [f"{sid}_1", f"{sid}_2"]
 
 
+def test_cancel_pending_only_leaves_claimed_and_ended_tasks_alone(client, tmp_path):
+    # what Future.cancel() asks: cancel what no agent has claimed, and say what it left alone
+    busy = client.submit([{"pidfile": str(tmp_path / f"b{i}"), "sleep": 2} for i in range(2)])
+    wait_for(lambda: all((tmp_path / f"b{i}").exists() for i in range(2)))  # both agents busy
+    done = client.submit([{"value": 0}])
+    sid = client.submit([{"value": 1}, {"value": 2}, {"value": 3}])
+    answer = client.cancel(tasks=[f"{sid}_0", f"{sid}_2", f"{busy}_1", f"{done}_0", "gone_5"], pending_only=True)
+    # done_0 was queued behind the busy ones: still pending, so cancelled with the others
+    assert answer["tasks"]["cancelled_pending"] == 3
+    assert answer["tasks"]["claimed"] == [f"{busy}_1"]
+    assert answer["tasks"]["ended"] == ["gone_5"]
+    result = client.wait(sid, 3)
+    assert sorted(result["cancelled"]) == [f"{sid}_0", f"{sid}_2"] and result["finished"] == [f"{sid}_1"]
+    assert client.wait(busy, 2)["finished"]  # the claimed ones ran to their end
+    again = client.cancel(tasks=[f"{sid}_1", f"{sid}_0"], pending_only=True)["tasks"]
+    assert again["cancelled_pending"] == 0 and sorted(again["ended"]) == [f"{sid}_0", f"{sid}_1"]
+
+
 def test_claim_batch_1_makes_each_agent_hold_one_task_at_a_time():
     # what the executor's tests rely on: with claim_batch=1 a task the grid reports processing is
     # the one its agent runs; the claim batch never grows past the setting, even on a deep queue

@@ -144,6 +144,18 @@ class StateTableMachine(RuleBasedStateMachine):
         if self.state[tid] not in TERMINAL:
             self._move(Transition.CANCEL, tid, "cancelled")
 
+    @precondition(lambda self: self.state)
+    @rule(data=st.data())
+    def cancel_unclaimed(self, data):
+        # Future.cancel()'s kind: only pending tasks; the others named, claimed or ended
+        tids = data.draw(st.lists(st.sampled_from(sorted(self.state)), min_size=1, max_size=4, unique=True))
+        claimed, ended = self.table.cancel_pending_tasks(tids)
+        assert sorted(claimed) == sorted(t for t in tids if self.state[t] == "processing")
+        assert sorted(ended) == sorted(t for t in tids if self.state[t] in TERMINAL)
+        for tid in tids:
+            if self.state[tid] == "pending":
+                self._move(Transition.CANCEL, tid, "cancelled")
+
     # -- invariants -------------------------------------------------------------------------
     @invariant()
     def every_task_is_where_the_model_says(self):
