@@ -130,7 +130,7 @@ class _CallTable:
             mine = [call for call in fresh if call.task_id is None or not ask]
             for call in mine:
                 call.claimed = True  # this thread cancels the future; the sender skips it
-                if call.task_id is not None:
+                if call.task_id is not None:  # sent, to a deployment that cannot cancel one task
                     self._give_up_on(call)
         never_run = {id(call) for call in mine}
         claimed_here, cancelled = self._cancel_sent([c for c in fresh if id(c) not in never_run])
@@ -140,9 +140,10 @@ class _CallTable:
                 notify_cancelled(call.future)
             else:  # resolved meanwhile by the broken path
                 never_run.discard(id(call))
+        ours = {id(call) for call in mine + claimed_here}
         for call in calls:
-            if id(call) in never_run:
-                Future.cancel(call.future)  # (if the poller claimed it, it notifies the waiters)
+            if id(call) in never_run and id(call) not in ours:
+                Future.cancel(call.future)  # the poller claimed it: it notifies the waiters
         return [id(call) in never_run or call.future.cancelled() for call in calls]
 
     def _cancel_sent(self, calls: list[_Call]) -> tuple[list[_Call], set[int]]:
@@ -181,16 +182,13 @@ class _CallTable:
         return claimed_here, {id(c) for c in never_run}
 
     def _give_up_on(self, call: _Call) -> None:
-        """Forget a cancelled call the grid will not report: on a deployment a handler skips a
-        marked task later or never, and nothing is to wait for that (a session left with only
-        such tasks is cancelled whole: :meth:`_pop_terminal`). Lock held."""
-        if self.deployment:
-            session = self._sessions.get(_session_id_of(call.task_id or ""))
-            if session is not None:
-                session.cancelled_here = True
-            self._pop_terminal(call.task_id or "")
-        else:  # a grid of this package without single-task cancel (never expected)
-            self._actions.cancels.append(call.task_id or "")
+        """Forget a cancelled call that a deployment will not report: its handler skips a marked
+        task later or never, and nothing is to wait for that (a session left with only such
+        tasks is cancelled whole: :meth:`_pop_terminal`). Lock held."""
+        session = self._sessions.get(_session_id_of(call.task_id or ""))
+        if session is not None:
+            session.cancelled_here = True
+        self._pop_terminal(call.task_id or "")
         self.work_ready.notify()
 
     def outstanding_sessions(self) -> list[dict[str, Any]]:
