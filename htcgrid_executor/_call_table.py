@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ._calls import (
     _Batch,
     _Call,
+    _Cleanups,
     _ExecutorFlags,
     _GridActions,
     _Session,
@@ -86,6 +87,7 @@ class _CallTable:
         self._tasks: dict[str, _Call] = {}  # task id -> call, until its task is terminal
         self._sessions: dict[str, _Session] = {}  # session id -> session with tasks not terminal
         self._actions = _GridActions()
+        self._cleanups = _Cleanups()  # handed to the sender when due, not one by one
 
     # ---- the executor (caller threads) ------------------------------------------------------
 
@@ -269,20 +271,21 @@ class _CallTable:
         with self.work_ready:
             while True:
                 is_closing = closing()
-                due = bool(self._actions)
+                due, wait = bool(self._actions), idle_tick
                 if self._buffer:
                     age = time.monotonic() - self._buffer_since
                     if is_closing or len(self._buffer) >= self.batch_size or age >= self.batch_window:
                         due = True
                     wait = max(self.batch_window - age, 0.0005)
-                else:
-                    wait = idle_tick
+                cleanup_wait = self._cleanups.wait_sec(is_closing)  # inf: none gathered
+                due, wait = due or cleanup_wait == 0.0, min(wait, cleanup_wait)
                 if due:
                     break
                 if is_closing and not self._buffer and self.flags.poller_done:
                     return None
                 self.work_ready.wait(min(wait, idle_tick))
             actions, self._actions = self._actions, _GridActions()
+            actions.cleanups = self._cleanups.take_if_due(is_closing)
             actions.sends = self._take_batch()
             return actions
 
@@ -409,8 +412,8 @@ class _CallTable:
                     # the grid may still hold tasks of it that we gave up on: end them there before
                     # their data is deleted (queued ones are then skipped, running ones stopped)
                     self._actions.session_cancels.append(session.response["session_id"])
-                self._actions.cleanups.append(session.response)
-                self.work_ready.notify()
+                if self._cleanups.add(session.response):
+                    self.work_ready.notify()
         return call
 
     # ---- failing calls (both threads) ---------------------------------------------------------

@@ -1,11 +1,13 @@
 """The records the call table (``_call_table.py``) keeps: one :class:`_Call` per grid task, one
 :class:`_Session` per session sent, the :class:`_ExecutorFlags` an executor and its threads
-share, and what the table hands the sender (:class:`_Batch`, :class:`_GridActions`). All their
+share, and what the table hands the sender (:class:`_Batch`, :class:`_GridActions`, the
+:class:`_Cleanups` it gathers). All their
 fields are guarded by the table's lock; :func:`settle` resolves a future outside it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -157,6 +159,51 @@ class _GridActions:
     def __bool__(self) -> bool:
         return bool(self.sends or self.cancels or self.session_cancels or self.cleanups
                     or self.log_copies)
+
+
+class _Cleanups:
+    """Collected sessions whose data the sender is to delete, gathered into one delete.
+
+    Deleting each session as it is collected put a data-plane round trip on the sender between
+    one result and the next send: a quarter of a millisecond of every single-task round trip.
+    Gathered, they are due once ``MAX_TASKS`` tasks or ``MAX_SESSIONS`` sessions wait, once the
+    oldest has waited ``DELAY_SEC``, or when the executor is closing; the data of a collected
+    session so stays in the data plane that much longer (nobody reads it again).
+    """
+
+    MAX_TASKS = 10_000
+    MAX_SESSIONS = 256
+    DELAY_SEC = 0.25
+
+    __slots__ = ("responses", "tasks", "since")
+
+    def __init__(self) -> None:
+        self.responses: list[dict[str, Any]] = []
+        self.tasks = 0
+        self.since = 0.0  # monotonic time the oldest was added
+
+    def add(self, response: dict[str, Any]) -> bool:
+        """Gather a collected session's answer; True if that made the gathered ones due."""
+        if not self.responses:
+            self.since = time.monotonic()
+        self.responses.append(response)
+        self.tasks += len(response["task_ids"])
+        return self.tasks >= self.MAX_TASKS or len(self.responses) >= self.MAX_SESSIONS
+
+    def wait_sec(self, closing: bool) -> float:
+        """How long until the gathered ones are due: 0 when due, infinity when there are none."""
+        if not self.responses:
+            return float("inf")
+        if closing or self.tasks >= self.MAX_TASKS or len(self.responses) >= self.MAX_SESSIONS:
+            return 0.0
+        return max(0.0, self.DELAY_SEC - (time.monotonic() - self.since))
+
+    def take_if_due(self, closing: bool) -> list[dict[str, Any]]:
+        """Every gathered answer if they are due (and start again), else none."""
+        if self.wait_sec(closing) > 0.0:
+            return []
+        responses, self.responses, self.tasks = self.responses, [], 0
+        return responses
 
 
 def settle(call: _Call, need_claim: bool, ok: bool, value: Any) -> None:

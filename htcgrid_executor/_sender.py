@@ -117,13 +117,12 @@ class _SenderThread(threading.Thread):
             self._best_effort("cancel_tasks", connector.cancel_tasks, cancels)
 
     def delete_collected(self, cleanups: list[dict[str, Any]]) -> None:
-        """Delete the data of fully collected sessions (guarded on a deployment: a replayed
-        task then finds its run marker collected)."""
-        delete = self._connector.delete_session_data
-        if self._traits.guard is not None:
-            delete = functools.partial(delete, guarded=True)
-        for response in cleanups:
-            self._best_effort("delete_session_data", delete, response)
+        """Delete the data of fully collected sessions, all in one batched delete (guarded on a
+        deployment: a replayed task then finds its run marker collected)."""
+        if cleanups:
+            delete = functools.partial(self._connector.delete_session_data,
+                                       guarded=self._traits.guard is not None)
+            self._best_effort("delete_session_data", lambda responses: delete(*responses), cleanups)
 
     def _best_effort(self, what: str, method: Callable[[Any], object], arg: Any) -> None:
         # cancellations and clean-ups are worth a few tries; they all spend one broken_after_sec

@@ -362,24 +362,30 @@ class AWSConnector(ResultPolling):
 
     # ------------------------------------------------------------------------------ cleanup
 
-    def delete_session_data(self, submission_response: dict[str, Any], *, guarded: bool = False) -> None:
-        """Delete a session's keys from the data plane: ``<sid>-payload`` and each task's
-        ``-input`` and ``-output``, in one batched delete. Missing keys are ignored.
+    def delete_session_data(self, *submission_responses: dict[str, Any], guarded: bool = False) -> None:
+        """Delete sessions' keys from the data plane: for each session answer given (as
+        :meth:`send` returned it), ``<sid>-payload`` and each task's ``-input`` and ``-output``,
+        all in one batched delete. Missing keys are ignored; every answer is checked before
+        anything is deleted (:class:`BadRequestError` names a malformed one).
 
         ``guarded`` (tasks sent with the deployment guard, see ``worker_guard``): also delete
         their cancel marks, and overwrite their run markers (which hold the first run's answer)
         with a small "collected" marker in one batched write, so that a late duplicate delivery
         still runs nothing. Those markers stay (about 30 bytes a task; Redis' eviction or an S3
         lifecycle rule removes them)."""
-        sid, task_ids = check_submission(submission_response)
-        keys = [wire.payload_key(sid)]
-        for tid in task_ids:
+        keys: list[str] = []
+        all_task_ids: list[str] = []
+        for response in submission_responses:
+            sid, task_ids = check_submission(response)
+            keys.append(wire.payload_key(sid))
+            all_task_ids.extend(task_ids)
+        for tid in all_task_ids:
             keys.append(wire.input_key(tid))
             keys.append(wire.output_key(tid))
             if guarded:
                 keys.append(cancel_key(tid))
         if guarded:
-            self.store.put_many({run_key(tid): COLLECTED for tid in task_ids})
+            self.store.put_many({run_key(tid): COLLECTED for tid in all_task_ids})
         self.store.delete_many(keys)
 
     def keep_task_logs(self, logs: Mapping[str, str]) -> None:
