@@ -34,7 +34,7 @@ Local argument errors that name no grid request (a wrong type, a bad count) are 
 ``TypeError``/``ValueError``. Builtin ``TimeoutError`` and ``concurrent.futures.CancelledError``
 are used as they are. Errors from lower layers (redis, botocore, urllib3) are translated at the
 layer boundary, each backend by one context manager (``dataplane._redis_errors``,
-``dataplane._s3_errors``, ``auth._cognito_errors``, ``transport._urllib3_errors``), with the
+``dataplane._s3_errors``, ``auth._cognito_errors``, ``transport._http_errors``), with the
 original kept as ``__cause__``.
 """
 
