@@ -2,7 +2,7 @@
 
 ::
 
-    claim (Lua, a batch when the queue is deep) ─▶ MGET inputs ─▶ runner child, one task at a time
+    claim (Lua, a batch when the queue is deep, small inputs with it) ─▶ runner child, one task at a time
          ▲                                                              │
          └──── complete (Lua: output + finished, only if still owned) ◀─┘
 
@@ -43,7 +43,7 @@ from .agent_ledger import Ledger, PendingOutcomes, Watcher
 from .child_processes import die_with_parent
 from .runner import DEFAULT_MAX_OUTPUT_BYTES, RunnerProcess, error_document
 from .state_table import Claim, StateTable
-from .task_inputs import BigInput, read_inputs
+from .task_inputs import INLINE_INPUT_BYTES, BigInput, read_inputs
 
 __all__ = ["AgentSettings", "Agent", "AGENT_CONFIG_ENV", "main"]
 
@@ -239,7 +239,7 @@ class Agent:
         """One turn of the main loop: recover from an outage, claim, run (or wait for work)."""
         if self.outcomes.waiting:
             self.outcomes.recover()
-        claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms)
+        claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms, INLINE_INPUT_BYTES)
         if claims:
             self.claims += 1
             self.tasks_claimed += len(claims)
@@ -314,7 +314,7 @@ class Agent:
         with self.ledger.lock:
             self.ledger.owned.update(task_ids)
         try:
-            inputs = read_inputs(self.redis, task_ids)  # a big input stays in Redis: the runner reads it
+            inputs = self._inputs(claims)
         except redis.exceptions.RedisError:
             # claimed, heart-beaten by the watcher, and never to run: they would wait for ever.
             # Given back to the front of their queue once Redis answers again (recover)
@@ -332,6 +332,13 @@ class Agent:
         if items:
             self._run_in_runner(items, outputs)
         self.outcomes.flush(outputs)
+
+    def _inputs(self, claims: list[Claim]) -> list[bytes | BigInput | None]:
+        """Each claim's input (None: missing): the small ones came with the claim; the others
+        are read now, in one round trip (a big one stays in Redis: the runner reads it)."""
+        later = [c.task_id for c in claims if c.task_input is None and c.input_length]
+        read = dict(zip(later, read_inputs(self.redis, later), strict=True)) if later else {}
+        return [c.task_input if c.task_input is not None else read.get(c.task_id) for c in claims]
 
     def _run_in_runner(self, items: list[tuple[str, bytes | BigInput, int]], outputs: dict[str, bytes]) -> None:
         """Run a batch in the runner, completing outputs as they come back (in groups, but

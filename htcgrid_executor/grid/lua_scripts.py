@@ -142,11 +142,14 @@ end
 return {fresh, count - upto}
 """
 
-# ARGV: retention, agent, max_batch, lease_ms, look -> flat list more, tid, timeout_ms, ...: more is 1
-# when the call stopped after looking at ``look`` queue entries (cancelled ones, after a big
-# cancel, can fill a queue) with fewer tasks than wanted: call again.
+# ARGV: retention, agent, max_batch, lease_ms, look, inline_bytes -> flat list more, tid, timeout_ms,
+# input, ...: more is 1 when the call stopped after looking at ``look`` queue entries (cancelled
+# ones, after a big cancel, can fill a queue) with fewer tasks than wanted: call again. input is
+# the task's input when it is at most inline_bytes long, else its length (0: missing or empty):
+# the agent gets the inputs of a batch of small tasks with the claim, in the same round trip.
 CLAIM = r"""
 local agent, max_batch, lease_ms, look = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local inline_bytes = tonumber(ARGV[6])
 local now = now_ms()
 local prios = redis.call('ZREVRANGE', QUEUES_KEY, 0, -1)
 local queued = 0
@@ -176,6 +179,12 @@ for _, p in ipairs(prios) do
         announce(s, tid, PROCESSING, '', false)
         out[#out + 1] = tid
         out[#out + 1] = s.timeout
+        local length = redis.call('STRLEN', input_key(tid))
+        if length > 0 and length <= inline_bytes then
+          out[#out + 1] = redis.call('GET', input_key(tid))
+        else
+          out[#out + 1] = length
+        end
         want = want - 1
       end
     end
@@ -185,7 +194,7 @@ for _, p in ipairs(prios) do
   if look == 0 then out[1] = 1; break end
 end
 if #leases > 0 then redis.call('ZADD', LEASES_KEY, unpack(leases)) end
-if queued > (#out - 1) / 2 then ring_doorbell(1) end  -- more left: wake another idle agent
+if queued > (#out - 1) / 3 then ring_doorbell(1) end  -- more left: wake another idle agent
 settle()
 return out
 """

@@ -139,10 +139,16 @@ def redis_refusal(exc: BaseException) -> tuple[int, str] | None:
 
 @dataclass(frozen=True)
 class Claim:
-    """A task an agent now owns; ``timeout_ms`` is its time limit (0: none)."""
+    """A task an agent now owns; ``timeout_ms`` is its time limit (0: none).
+
+    ``task_input`` is its ``<task_id>-input``, read by the claim itself when it is at most the
+    claim's ``inline_bytes`` long; else None, and ``input_length`` is its length (0: missing or
+    empty), for the agent to read it as big inputs are read."""
 
     task_id: str
     timeout_ms: int
+    task_input: bytes | None = None
+    input_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,13 @@ class Event:
     reason: str
 
 
+
+
+def _claim(task_id: bytes, timeout_ms: bytes, task_input: bytes | int) -> Claim:
+    """One task of the claim script's answer: its input came inline (bytes) or as its length."""
+    if isinstance(task_input, bytes):
+        return Claim(task_id.decode(), int(timeout_ms), task_input, len(task_input))
+    return Claim(task_id.decode(), int(timeout_ms), None, task_input)
 
 
 class StateTable:
@@ -208,13 +221,14 @@ class StateTable:
                 return fresh
 
     # -- agents -------------------------------------------------------------------------------
-    def claim(self, agent: str, max_batch: int, lease_ms: int) -> list[Claim]:
+    def claim(self, agent: str, max_batch: int, lease_ms: int, inline_bytes: int = 0) -> list[Claim]:
         """Take up to ``max_batch`` pending tasks, highest priority first; fewer when the queue
         is shallow, so that live agents share it. The tasks are now ``processing``, owned by
-        ``agent``, with a lease of ``lease_ms``."""
+        ``agent``, with a lease of ``lease_ms``. Each input of at most ``inline_bytes`` comes
+        with its claim (:attr:`Claim.task_input`), in the same round trip."""
         while True:  # each call looks at CLAIM_LOOK queue entries at most
-            more, *flat = self._run("claim", agent, max_batch, lease_ms, CLAIM_LOOK)
-            claims = [Claim(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+            more, *flat = self._run("claim", agent, max_batch, lease_ms, CLAIM_LOOK, inline_bytes)
+            claims = [_claim(*flat[i:i + 3]) for i in range(0, len(flat), 3)]
             if claims or not more:
                 return claims
 
