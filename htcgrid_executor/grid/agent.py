@@ -239,23 +239,33 @@ class Agent:
         """One turn of the main loop: recover from an outage, claim, run (or wait for work)."""
         if self.outcomes.waiting:
             self.outcomes.recover()
-        claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms, INLINE_INPUT_BYTES)
+        claims, left = self.table.claim_and_look(self.agent_id, self._claim_size(), self.lease_ms,
+                                                 INLINE_INPUT_BYTES)
         if claims:
             self.claims += 1
             self.tasks_claimed += len(claims)
             started = time.monotonic()
             self._run_batch(claims)
             self._batch = self._next_claim_size(len(claims), time.monotonic() - started)
+            if not left and not self.outcomes.waiting:
+                # the claim emptied the queue: whatever was queued since rang the doorbell, so
+                # wait on it rather than spend a claim (a round trip per task) on an empty queue
+                self._wait_for_work()
         else:
             # idle: the next work may be long tasks, which must start in submission order across
             # agents (not 16 to one agent): claims grow again from 1
             self._batch = 1
-            # sleep on the doorbell, rung by submits and by claims that left work
-            self.idle = True
-            try:
+            self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Sleep on the doorbell (rung by submits, requeues and claims that left work), at most
+        a second; a SIGTERM ends the wait at once."""
+        self.idle = True
+        try:
+            if not self.stop_event.is_set():  # checked once idle: a SIGTERM now raises instead
                 self.table.wait_for_work(timeout=1)
-            finally:
-                self.idle = False
+        finally:
+            self.idle = False
 
     def _leave(self) -> None:
         """Stop the watcher and the runner, give back what is unstarted and leave the grid."""

@@ -161,15 +161,6 @@ class Event:
     reason: str
 
 
-
-
-def _claim(task_id: bytes, timeout_ms: bytes, task_input: bytes | int) -> Claim:
-    """One task of the claim script's answer: its input came inline (bytes) or as its length."""
-    if isinstance(task_input, bytes):
-        return Claim(task_id.decode(), int(timeout_ms), task_input, len(task_input))
-    return Claim(task_id.decode(), int(timeout_ms), None, task_input)
-
-
 class StateTable:
     """Python face of the Lua transitions. ``client`` is a redis-py client (decode_responses off).
 
@@ -226,11 +217,19 @@ class StateTable:
         is shallow, so that live agents share it. The tasks are now ``processing``, owned by
         ``agent``, with a lease of ``lease_ms``. Each input of at most ``inline_bytes`` comes
         with its claim (:attr:`Claim.task_input`), in the same round trip."""
+        return self.claim_and_look(agent, max_batch, lease_ms, inline_bytes)[0]
+
+    def claim_and_look(self, agent: str, max_batch: int, lease_ms: int,
+                       inline_bytes: int = 0) -> tuple[list[Claim], bool]:
+        """:meth:`claim`, and whether it left queue entries behind. When it left none, work
+        queued later rings the doorbell (submits and requeues do): the agent may wait on it
+        after its batch instead of claiming an empty queue."""
         while True:  # each call looks at CLAIM_LOOK queue entries at most
-            more, *flat = self._run("claim", agent, max_batch, lease_ms, CLAIM_LOOK, inline_bytes)
-            claims = [_claim(*flat[i:i + 3]) for i in range(0, len(flat), 3)]
+            more, left, *flat = self._run("claim", agent, max_batch, lease_ms, CLAIM_LOOK, inline_bytes)
+            claims = [Claim(flat[i].decode(), int(flat[i + 1]), flat[i + 3], int(flat[i + 2]))
+                      for i in range(0, len(flat), 4)]
             if claims or not more:
-                return claims
+                return claims, bool(left)
 
     def heartbeat(self, agent: str, task_ids: list[str], lease_ms: int) -> list[str]:
         """Extend the leases of ``task_ids`` (and the agent's registration); return the ones the

@@ -4,7 +4,13 @@ missing ones as missing, so the task still fails with ``Runtime.InputNotFound``.
 
 from __future__ import annotations
 
+import time
+
+from grid_client import GridClient
+from support import FAST
+
 from htcgrid_executor import wire
+from htcgrid_executor.grid import LocalGrid
 from htcgrid_executor.grid.redis_server import GRID_ROLES, RedisServer
 from htcgrid_executor.grid.state_table import Claim, StateTable
 from htcgrid_executor.grid.task_inputs import INLINE_INPUT_BYTES, SMALL_INPUT_BYTES
@@ -42,3 +48,19 @@ def test_small_bigger_and_big_inputs_of_one_session_all_reach_their_tasks(client
     sid = client.submit([{"value": v} for v in values])
     answer = client.wait(sid, 3)
     assert client.outputs(sid, answer) == {f"{sid}_{i}": {"ok": v} for i, v in enumerate(values)}
+
+
+def test_a_task_submitted_while_the_only_agent_is_busy_starts_when_it_is_done():
+    # the busy agent's claim emptied the queue, so it waits on the doorbell after its task
+    # instead of claiming again: the submit made meanwhile must have rung it (a lost ring
+    # would leave the task queued until the agent's one-second wait ends)
+    with LocalGrid(workers=1, handler="handlers:act", **FAST) as grid:
+        client = GridClient(grid)
+        client.wait(client.submit([{"value": 0}]), 1)  # the agent and its runner are up
+        for _ in range(3):
+            busy = client.submit([{"sleep": 0.3}])
+            time.sleep(0.1)  # the agent runs it
+            started = time.monotonic()
+            client.wait(client.submit([{"value": 1}]), 1)
+            assert time.monotonic() - started < 0.2 + 0.6
+            client.wait(busy, 1)
