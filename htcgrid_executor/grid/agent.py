@@ -2,7 +2,7 @@
 
 ::
 
-    claim (Lua, a batch when the queue is deep) ─▶ MGET inputs ─▶ runner child, one task at a time
+    claim (Lua, a batch when the queue is deep, small inputs with it) ─▶ runner child, one task at a time
          ▲                                                              │
          └──── complete (Lua: output + finished, only if still owned) ◀─┘
 
@@ -43,7 +43,7 @@ from .agent_ledger import Ledger, PendingOutcomes, Watcher
 from .child_processes import die_with_parent
 from .runner import DEFAULT_MAX_OUTPUT_BYTES, RunnerProcess, error_document
 from .state_table import Claim, StateTable
-from .task_inputs import BigInput, read_inputs
+from .task_inputs import INLINE_INPUT_BYTES, BigInput, read_inputs
 
 __all__ = ["AgentSettings", "Agent", "AGENT_CONFIG_ENV", "main"]
 
@@ -239,23 +239,33 @@ class Agent:
         """One turn of the main loop: recover from an outage, claim, run (or wait for work)."""
         if self.outcomes.waiting:
             self.outcomes.recover()
-        claims = self.table.claim(self.agent_id, self._claim_size(), self.lease_ms)
+        claims, left = self.table.claim_and_look(self.agent_id, self._claim_size(), self.lease_ms,
+                                                 INLINE_INPUT_BYTES)
         if claims:
             self.claims += 1
             self.tasks_claimed += len(claims)
             started = time.monotonic()
             self._run_batch(claims)
             self._batch = self._next_claim_size(len(claims), time.monotonic() - started)
+            if not left and not self.outcomes.waiting:
+                # the claim emptied the queue: whatever was queued since rang the doorbell, so
+                # wait on it rather than spend a claim (a round trip per task) on an empty queue
+                self._wait_for_work()
         else:
             # idle: the next work may be long tasks, which must start in submission order across
             # agents (not 16 to one agent): claims grow again from 1
             self._batch = 1
-            # sleep on the doorbell, rung by submits and by claims that left work
-            self.idle = True
-            try:
+            self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Sleep on the doorbell (rung by submits, requeues and claims that left work), at most
+        a second; a SIGTERM ends the wait at once."""
+        self.idle = True
+        try:
+            if not self.stop_event.is_set():  # checked once idle: a SIGTERM now raises instead
                 self.table.wait_for_work(timeout=1)
-            finally:
-                self.idle = False
+        finally:
+            self.idle = False
 
     def _leave(self) -> None:
         """Stop the watcher and the runner, give back what is unstarted and leave the grid."""
@@ -314,7 +324,7 @@ class Agent:
         with self.ledger.lock:
             self.ledger.owned.update(task_ids)
         try:
-            inputs = read_inputs(self.redis, task_ids)  # a big input stays in Redis: the runner reads it
+            inputs = self._inputs(claims)
         except redis.exceptions.RedisError:
             # claimed, heart-beaten by the watcher, and never to run: they would wait for ever.
             # Given back to the front of their queue once Redis answers again (recover)
@@ -332,6 +342,13 @@ class Agent:
         if items:
             self._run_in_runner(items, outputs)
         self.outcomes.flush(outputs)
+
+    def _inputs(self, claims: list[Claim]) -> list[bytes | BigInput | None]:
+        """Each claim's input (None: missing): the small ones came with the claim; the others
+        are read now, in one round trip (a big one stays in Redis: the runner reads it)."""
+        later = [c.task_id for c in claims if c.task_input is None and c.input_length]
+        read = dict(zip(later, read_inputs(self.redis, later), strict=True)) if later else {}
+        return [c.task_input if c.task_input is not None else read.get(c.task_id) for c in claims]
 
     def _run_in_runner(self, items: list[tuple[str, bytes | BigInput, int]], outputs: dict[str, bytes]) -> None:
         """Run a batch in the runner, completing outputs as they come back (in groups, but

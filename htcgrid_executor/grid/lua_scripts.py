@@ -142,20 +142,24 @@ end
 return {fresh, count - upto}
 """
 
-# ARGV: retention, agent, max_batch, lease_ms, look -> flat list more, tid, timeout_ms, ...: more is 1
-# when the call stopped after looking at ``look`` queue entries (cancelled ones, after a big
-# cancel, can fill a queue) with fewer tasks than wanted: call again.
+# ARGV: retention, agent, max_batch, lease_ms, look, inline_bytes -> flat list more, left, tid,
+# timeout_ms, length, input, ...: more is 1 when the call stopped after looking at ``look`` queue
+# entries (cancelled ones, after a big cancel, can fill a queue) with fewer tasks than wanted: call
+# again; left is 1 when queue entries were left (work, or cancelled entries not yet skipped).
+# length is the task's input's (0: missing or empty), input the input itself when it is at most
+# inline_bytes long, else false: the agent gets small inputs with the claim, in its round trip.
 CLAIM = r"""
 local agent, max_batch, lease_ms, look = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local inline_bytes = tonumber(ARGV[6])
 local now = now_ms()
 local prios = redis.call('ZREVRANGE', QUEUES_KEY, 0, -1)
 local queued = 0
 for _, p in ipairs(prios) do queued = queued + redis.call('LLEN', queue_key(p)) end
-if queued == 0 then return {0} end
+if queued == 0 then return {0, 0} end
 -- share a shallow queue fairly between live agents; take a batch only when it is deep
 local agents = math.max(1, redis.call('ZCOUNT', AGENTS_KEY, now, '+inf'))
 local want = math.max(1, math.min(max_batch, math.floor(queued / agents)))
-local out = {0}
+local out = {0, 0}
 local leases = {}
 for _, p in ipairs(prios) do
   local queue = queue_key(p)
@@ -176,6 +180,9 @@ for _, p in ipairs(prios) do
         announce(s, tid, PROCESSING, '', false)
         out[#out + 1] = tid
         out[#out + 1] = s.timeout
+        local length = redis.call('STRLEN', input_key(tid))
+        out[#out + 1] = length
+        out[#out + 1] = length > 0 and length <= inline_bytes and redis.call('GET', input_key(tid))
         want = want - 1
       end
     end
@@ -185,7 +192,10 @@ for _, p in ipairs(prios) do
   if look == 0 then out[1] = 1; break end
 end
 if #leases > 0 then redis.call('ZADD', LEASES_KEY, unpack(leases)) end
-if queued > (#out - 1) / 2 then ring_doorbell(1) end  -- more left: wake another idle agent
+if queued > (#out - 2) / 4 then  -- more left: wake another idle agent
+  out[2] = 1
+  ring_doorbell(1)
+end
 settle()
 return out
 """

@@ -139,10 +139,16 @@ def redis_refusal(exc: BaseException) -> tuple[int, str] | None:
 
 @dataclass(frozen=True)
 class Claim:
-    """A task an agent now owns; ``timeout_ms`` is its time limit (0: none)."""
+    """A task an agent now owns; ``timeout_ms`` is its time limit (0: none).
+
+    ``task_input`` is its ``<task_id>-input``, read by the claim itself when it is at most the
+    claim's ``inline_bytes`` long; else None, and ``input_length`` is its length (0: missing or
+    empty), for the agent to read it as big inputs are read."""
 
     task_id: str
     timeout_ms: int
+    task_input: bytes | None = None
+    input_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,8 +159,6 @@ class Event:
     task_id: str
     state: TaskState
     reason: str
-
-
 
 
 class StateTable:
@@ -208,15 +212,24 @@ class StateTable:
                 return fresh
 
     # -- agents -------------------------------------------------------------------------------
-    def claim(self, agent: str, max_batch: int, lease_ms: int) -> list[Claim]:
+    def claim(self, agent: str, max_batch: int, lease_ms: int, inline_bytes: int = 0) -> list[Claim]:
         """Take up to ``max_batch`` pending tasks, highest priority first; fewer when the queue
         is shallow, so that live agents share it. The tasks are now ``processing``, owned by
-        ``agent``, with a lease of ``lease_ms``."""
+        ``agent``, with a lease of ``lease_ms``. Each input of at most ``inline_bytes`` comes
+        with its claim (:attr:`Claim.task_input`), in the same round trip."""
+        return self.claim_and_look(agent, max_batch, lease_ms, inline_bytes)[0]
+
+    def claim_and_look(self, agent: str, max_batch: int, lease_ms: int,
+                       inline_bytes: int = 0) -> tuple[list[Claim], bool]:
+        """:meth:`claim`, and whether it left queue entries behind. When it left none, work
+        queued later rings the doorbell (submits and requeues do): the agent may wait on it
+        after its batch instead of claiming an empty queue."""
         while True:  # each call looks at CLAIM_LOOK queue entries at most
-            more, *flat = self._run("claim", agent, max_batch, lease_ms, CLAIM_LOOK)
-            claims = [Claim(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+            more, left, *flat = self._run("claim", agent, max_batch, lease_ms, CLAIM_LOOK, inline_bytes)
+            claims = [Claim(flat[i].decode(), int(flat[i + 1]), flat[i + 3], int(flat[i + 2]))
+                      for i in range(0, len(flat), 4)]
             if claims or not more:
-                return claims
+                return claims, bool(left)
 
     def heartbeat(self, agent: str, task_ids: list[str], lease_ms: int) -> list[str]:
         """Extend the leases of ``task_ids`` (and the agent's registration); return the ones the

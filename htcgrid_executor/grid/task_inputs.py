@@ -1,7 +1,9 @@
 """Task inputs between Redis, an agent and its runner: small ones through the agent, big ones
 read by the runner itself.
 
-An agent reads the inputs of the batch it claimed in one round trip, but only their first
+An input of at most :data:`INLINE_INPUT_BYTES` comes with the claim of its task, read by the
+claim script itself (no second round trip for a batch of small tasks). The agent reads the
+others after the claim, in one round trip for the batch, but only their first
 :data:`SMALL_INPUT_BYTES`: an input that fits comes whole and goes to the runner over the pipe
 with its batch, as before. A bigger one (a 200 MB argument) comes as a :class:`BigInput`, its key
 and length, and the runner reads it from Redis in pieces when it reaches the task. So the agent
@@ -19,8 +21,11 @@ import redis
 
 from ..wire import REDIS_PIECE_BYTES, input_key
 
-__all__ = ["SMALL_INPUT_BYTES", "BigInput", "read_inputs", "fetch_big_input"]
+__all__ = ["INLINE_INPUT_BYTES", "SMALL_INPUT_BYTES", "BigInput", "read_inputs", "fetch_big_input"]
 
+#: inputs up to this size come with the claim of their task: a claim of a full batch of them
+#: (16) answers a few MB at most, so the script holds Redis for a short copy only
+INLINE_INPUT_BYTES = 256 * 1024
 #: inputs up to this size travel through the agent with their batch
 SMALL_INPUT_BYTES = 1024 * 1024
 

@@ -23,6 +23,7 @@ from htcgrid_executor.grid.agent import Agent, AgentSettings
 from htcgrid_executor.grid.child_processes import describe_exit
 from htcgrid_executor.grid.local_grid import start_agent_process
 from htcgrid_executor.grid.redis_server import RedisServer
+from htcgrid_executor.grid.task_inputs import INLINE_INPUT_BYTES
 
 
 def _check_exactly_once(futures, counter, log, n, figures, timeout=90):
@@ -235,8 +236,9 @@ def _free_port() -> int:
 
 
 class _InputsUnreadableOnce:
-    """The agent's input read, failing the first time as a Redis going away would, right after
-    the claim (the window a restart of Redis hits in a busy run)."""
+    """The agent's read of the inputs too big to come with the claim, failing the first time as
+    a Redis going away would, right after the claim (the window a restart of Redis hits in a
+    busy run)."""
 
     def __init__(self, read) -> None:
         self._read = read
@@ -262,14 +264,15 @@ def test_a_claimed_batch_whose_inputs_cannot_be_read_is_given_back_and_runs(make
     thread.start()
     try:
         conn = make_connector(grid)
-        answer = conn.send([{"n": i} for i in range(3)])
+        pad = "x" * INLINE_INPUT_BYTES  # too big to come with the claim: the agent reads it after
+        answer = conn.send([{"n": i, "pad": pad} for i in range(3)])
         result = conn.get_results(answer, timeout_sec=20)
         assert flaky.failed  # the fault was hit
         # claimed before the failure, they were given back (not held under a live heartbeat for
         # ever) and the same agent ran them once Redis answered
         assert result["finished"] == answer["task_ids"]
         assert [json.loads(out) if isinstance(out, str) else out for out in result["finished_OUTPUT"]] \
-            == [{"n": i} for i in range(3)]
+            == [{"n": i, "pad": pad} for i in range(3)]
     finally:
         agent.stop_event.set()
         thread.join(15)
