@@ -23,11 +23,18 @@ from ..wire import (
 )
 from .state_table import MAX_PRIORITY, Event, StateTable
 
-__all__ = ["Routes", "Reject", "ROUTES", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_RETRIES"]
+__all__ = ["Routes", "Reject", "ROUTES", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_RETRIES",
+           "MAX_INLINE_BYTES", "MAX_INLINE_VALUE_BYTES"]
 
 MAX_TASKS_PER_SESSION = 1_000_000
 MAX_WAIT_MS = 20_000
 MAX_RETRIES = 100
+#: the most output bytes one ``/result`` answer inlines (``inline_outputs``), and of one output
+MAX_INLINE_BYTES = 1 << 20
+MAX_INLINE_VALUE_BYTES = 256 << 10
+# the most finished tasks whose outputs one answer looks at: bounds the script that reads them
+# when a big batch of tiny outputs would fit the budget (the rest are read from the data plane)
+_MAX_INLINE_TASKS = 10_000
 _COALESCE_MS = 5  # how long a long poll that saw only task starts waits for their ends
 
 
@@ -174,7 +181,7 @@ class Routes:
             raise Reject(400, "context.listener must be an id of letters, digits and '-'")
         return timeout, retries, priority, listener
 
-    # GET /result?submission_content=b64({"session_id": sid})[&after=&wait_ms=&listener=]
+    # GET /result?submission_content=b64({"session_id": sid})[&after=&wait_ms=&listener=&inline_outputs=]
     def result(self, content: str, params: dict[str, list[str]]) -> dict[str, Any]:
         query = self._query(content)
         sid = query.get("session_id")
@@ -182,6 +189,7 @@ class Routes:
             raise Reject(400, "submission_content must hold a 'session_id'")
         after = _cursor_param(params, "after")
         wait_ms = _int_param(params, "wait_ms", 0, 0, MAX_WAIT_MS)
+        inline_bytes = _int_param(params, "inline_outputs", 0, 0, MAX_INLINE_BYTES)
         listener = (params.get("listener") or [None])[0]
         if listener is not None:
             events = self._listener_events(listener, after, wait_ms)
@@ -194,6 +202,12 @@ class Routes:
             # the client's deadline runs (a read that only found nothing would hide it)
             raise Reject(507, f"the grid cannot make progress: {self.table.write_refusal}")
         body = _result_body(events, after)
+        if inline_bytes:
+            # read here, where the outputs are one local hop away: the client is spared its own
+            # data-plane round trip for every output that fits
+            finished = body["finished"][:_MAX_INLINE_TASKS]
+            body["inline_outputs"] = self.table.outputs_within(
+                finished, inline_bytes, min(inline_bytes, MAX_INLINE_VALUE_BYTES))
         if listener is None and (params.get("counts") or [""])[0] == "1":
             body["counts"] = self._counts(sid)
         return body

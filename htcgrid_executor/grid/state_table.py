@@ -31,6 +31,7 @@ state table never grows without bound.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +177,7 @@ class StateTable:
                          "fail", "cancel")
         }
         self._starting_with = client.register_script(lua_scripts.STARTING_WITH)
+        self._within_budget = client.register_script(lua_scripts.WITHIN_BUDGET)
 
     def _run(self, name: str, *args: Any) -> Any:
         try:
@@ -469,6 +471,18 @@ class StateTable:
             return []
         found = self._starting_with(keys=[output_key(t) for t in task_ids], args=heads)
         return [task_ids[int(i) - 1] for i in found]
+
+    def outputs_within(self, task_ids: list[str], budget: int, cap: int) -> dict[str, str]:
+        """The stored ``<task_id>-output`` of ``task_ids``, taken in order as long as they fit
+        (each at most ``cap`` bytes, ``budget`` bytes in all), each as the standard base64 of
+        its bytes (a raw output is binary, which JSON cannot carry). Read in Redis in one round
+        trip (a read-only script), so that a value past the limits never travels. Missing values
+        and those past the limits are left out."""
+        if not task_ids or budget <= 0:
+            return {}
+        values = self._within_budget(keys=[output_key(t) for t in task_ids], args=[budget, cap])
+        return {task_id: base64.b64encode(value).decode("ascii")
+                for task_id, value in zip(task_ids, values, strict=True) if value is not None}
 
     def outputs(self, task_ids: list[str]) -> dict[str, bytes]:
         """Each task's ``<task_id>-output`` as stored (base64), for those that have one."""
