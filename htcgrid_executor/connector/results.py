@@ -111,7 +111,7 @@ class Answer:
         if counts is not None and not (isinstance(counts, dict) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in counts.values())):
             raise ControlPlaneError("GET /result: 'counts' in the grid's answer is not a map of counts")
-        inline = body.get("inline_outputs") or {}
+        inline = body.get("inline_outputs", {})
         if not isinstance(inline, dict):
             raise ControlPlaneError("GET /result: 'inline_outputs' in the grid's answer is not a map")
         return cls(

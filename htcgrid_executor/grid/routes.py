@@ -206,8 +206,7 @@ class Routes:
             # read here, where the outputs are one local hop away: the client is spared its own
             # data-plane round trip for every output that fits
             finished = body["finished"][:_MAX_INLINE_TASKS]
-            body["inline_outputs"] = self.table.outputs_within(
-                finished, inline_bytes, min(inline_bytes, MAX_INLINE_VALUE_BYTES))
+            body["inline_outputs"] = self.table.outputs_within(finished, inline_bytes, MAX_INLINE_VALUE_BYTES)
         if listener is None and (params.get("counts") or [""])[0] == "1":
             body["counts"] = self._counts(sid)
         return body
