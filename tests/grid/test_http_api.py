@@ -340,3 +340,23 @@ def test_outputs_past_the_budget_are_left_to_the_data_plane(grid, client):
     first = finished[0] if finished[0] != big else finished[1]
     inlined = client.result(sid, after="0", inline_outputs=str(size))["inline_outputs"]
     assert set(inlined) == {first}
+
+
+@pytest.mark.parametrize("scripts_lost", [False, True])
+def test_a_listeners_long_poll_inlines_the_outputs_of_tasks_that_end_during_it(grid, client, scripts_lost):
+    """The outputs of tasks that start and end within one long poll come inline (read with the
+    events that report their end), also after Redis lost its scripts (as after a restart)."""
+    listener = wire.new_session_id()
+    if scripts_lost:
+        grid.redis.script_flush()
+    sid = client.submit([{"value": 1}, {"value": 2}], listener=listener)
+    cursor, inlined, finished = "0", {}, []
+    deadline = time.monotonic() + 30
+    while len(finished) < 2:
+        assert time.monotonic() < deadline, "the tasks did not end"
+        answer = client.result(sid, listener=listener, after=cursor, wait_ms="2000", inline_outputs=str(1 << 20))
+        cursor = answer["cursor"]
+        finished += answer["finished"]
+        inlined.update(answer["inline_outputs"])
+    stored = grid.redis.mget([wire.output_key(t) for t in finished])
+    assert {t: base64.b64decode(v) for t, v in inlined.items()} == dict(zip(finished, stored, strict=True))
