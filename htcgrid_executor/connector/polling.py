@@ -4,7 +4,8 @@
 
     poll_session / poll_listener / session_status / get_results
         ──▶ _result(): one GET /result (paced against a plain deployment) ──▶ Answer
-        ──▶ _read_outputs(): the finished tasks' outputs, one batched data-plane read
+        ──▶ the finished tasks' outputs: those the local grid inlined in the answer
+            (``inline_outputs``), then _read_outputs(): the others, one batched data-plane read
         ──▶ ResultBatch / SessionStatus / the seed's dict   (results.py)
 
 :class:`ResultPolling` is a base class of :class:`~htcgrid_executor.connector.AWSConnector`, which
@@ -26,13 +27,16 @@ from .auth import Auth
 from .config import DEFAULT_PULL_INTERVAL_SEC, ClientConfig
 from .dataplane import DataPlane
 from .plain_deployment import PlainPolls, new_terminal, plain_session_status
-from .results import NO_OUTPUT, Answer, ResultBatch, SessionStatus, build_batch, seed_results
+from .results import NO_OUTPUT, Answer, ResultBatch, SessionStatus, build_batch, decode_inline, seed_results
 from .transport import HTTPTransport
 
 __all__ = ["ResultPolling", "MAX_WAIT_SEC"]
 
 #: longest single long poll the grid accepts (its ``wait_ms`` limit)
 MAX_WAIT_SEC = 20.0
+
+#: the most output bytes a poll asks the local grid to inline in its answer (its limit)
+INLINE_OUTPUT_BYTES = 1 << 20
 
 _AFTER_EVERYTHING = "99999999999999-0"  # a cursor after every event: an answer with counts only
 
@@ -54,8 +58,10 @@ class ResultPolling:
     # ------------------------------------------------------------------------------ results
 
     def _result(self, session_id: str, *, after: str | None, wait_sec: float = 0.0,
-                listener: str | None = None, counts: bool = False) -> Answer:
-        """One ``GET /result``. Extension parameters are sent always: a deployment ignores them."""
+                listener: str | None = None, counts: bool = False, inline: bool = False) -> Answer:
+        """One ``GET /result``. Extension parameters are sent always: a deployment ignores them
+        (its lambda reads ``submission_content`` alone). ``inline``: ask for the finished tasks'
+        outputs in the answer, up to :data:`INLINE_OUTPUT_BYTES`."""
         _, transport, _ = self._parts()
         if self.extensions is False:
             pause = self._plain.pause(session_id, self._pull_interval())
@@ -70,6 +76,8 @@ class ResultPolling:
             params["listener"] = listener
         if counts:
             params["counts"] = "1"
+        if inline:
+            params["inline_outputs"] = str(INLINE_OUTPUT_BYTES)
         with self._lock:
             self._polls += 1
             self._long_polls += wait_sec > 0
@@ -98,10 +106,16 @@ class ResultPolling:
         return outputs, broken
 
     def _batch(self, terminal: list[tuple[str, str, str]], processing: list[str], cursor: str | None,
-               extensions: bool, read: bool = True) -> ResultBatch:
+               extensions: bool, read: bool = True, inline: dict[str, Any] | None = None) -> ResultBatch:
+        """A ResultBatch of ``terminal``, with the finished tasks' outputs (``read``) taken from
+        ``inline`` (an answer's inlined outputs) where it has them, else read from the data plane."""
         finished_ids = [tid for tid, state, _ in terminal if state == "finished"]
         if read:
-            outputs, broken = self._read_outputs(finished_ids)
+            outputs, broken = decode_inline(finished_ids, inline or {})
+            rest = [tid for tid in finished_ids if tid not in outputs and tid not in broken]
+            read_outputs, read_broken = self._read_outputs(rest)
+            outputs.update(read_outputs)
+            broken.update(read_broken)
         else:
             outputs, broken = dict.fromkeys(finished_ids, ""), {}
         return build_batch(terminal, processing, cursor, extensions, outputs, broken)
@@ -122,9 +136,10 @@ class ResultPolling:
         check_id(session_id, "session_id")
         deadline = time.monotonic() + max(0.0, min(float(wait_sec), MAX_WAIT_SEC))
         while True:
-            answer = self._result(session_id, after=after, wait_sec=wait_sec)
+            answer = self._result(session_id, after=after, wait_sec=wait_sec, inline=outputs)
             if answer.has_cursor:
-                return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True, outputs)
+                return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True, outputs,
+                                   answer.inline_outputs)
             terminal = list(answer.terminal())
             remaining = deadline - time.monotonic()
             if terminal or remaining <= 0:
@@ -175,9 +190,10 @@ class ResultPolling:
         checked = [check_submission(s) for s in sessions] if self.extensions is False else None
         wait_sec = max(0.0, min(float(wait_sec), MAX_WAIT_SEC))
         deadline = time.monotonic() + wait_sec
-        answer = self._result(first_sid, after=after, wait_sec=wait_sec, listener=listener)
+        answer = self._result(first_sid, after=after, wait_sec=wait_sec, listener=listener, inline=True)
         if answer.has_cursor:
-            return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True)
+            return self._batch(list(answer.terminal()), answer.processing, answer.cursor, True,
+                               inline=answer.inline_outputs)
         # Plain deployment: the answer is the first session's full list of terminal tasks.
         if checked is None:
             checked = [check_submission(s) for s in sessions]

@@ -5,23 +5,26 @@ records the connector hands its callers (:class:`ResultBatch`, :class:`SessionSt
 ::
 
     GET /result body ──Answer.parse──▶ Answer ──terminal()──▶ (task id, state, reason) …
-                                                   └──+ outputs read from the data plane
+                                                   └──+ outputs inlined in the answer
+                                                        (decode_inline), the others read
+                                                        from the data plane
                                                       ──▶ build_batch() ─▶ ResultBatch
                                                       ──▶ seed_results() ─▶ get_results' dict
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import wire
-from ..errors import ControlPlaneError
+from ..errors import ControlPlaneError, PayloadError
 
 __all__ = ["ResultBatch", "SessionStatus", "Answer", "marker_state", "build_batch", "seed_results",
-           "NO_OUTPUT"]
+           "decode_inline", "NO_OUTPUT"]
 
 #: reason given for a task the grid reports finished whose output is not in the data plane
 NO_OUTPUT = "the task finished but its output is missing from the data plane (evicted or deleted)"
@@ -84,6 +87,9 @@ class Answer:
     processing: list[str]
     cursor: str | None
     counts: dict[str, int] | None = None
+    #: task id -> its stored output as the local grid inlined it (``inline_outputs``), unchecked
+    #: (:func:`decode_inline` checks each); empty when the grid inlined none
+    inline_outputs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, body: Any) -> Answer:
@@ -105,6 +111,9 @@ class Answer:
         if counts is not None and not (isinstance(counts, dict) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in counts.values())):
             raise ControlPlaneError("GET /result: 'counts' in the grid's answer is not a map of counts")
+        inline = body.get("inline_outputs", {})
+        if not isinstance(inline, dict):
+            raise ControlPlaneError("GET /result: 'inline_outputs' in the grid's answer is not a map")
         return cls(
             finished=ids("finished"),
             failed=failed,
@@ -113,6 +122,7 @@ class Answer:
             processing=ids("processing"),
             cursor=None if cursor is None else str(cursor),
             counts=counts,
+            inline_outputs=inline,
         )
 
     @property
@@ -138,6 +148,31 @@ def marker_state(marker: bytes | None) -> str | None:
     except ValueError:
         return None
     return doc.get("state") if isinstance(doc, dict) else None
+
+
+def decode_inline(task_ids: list[str], inline: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The outputs of those of ``task_ids`` that ``inline`` (an answer's ``inline_outputs``: task
+    id -> standard base64 of the stored ``<task_id>-output``) carries: (task id -> decoded text,
+    task id -> reason for those whose inlined value is unreadable: not base64, or not an output;
+    they are reported failed, as an unreadable data-plane output is). Tasks it does not carry
+    are in neither: their outputs are for the data-plane read."""
+    outputs: dict[str, str] = {}
+    broken: dict[str, str] = {}
+    for tid in task_ids:
+        if tid not in inline:
+            continue
+        value = inline[tid]
+        try:
+            if not isinstance(value, str):
+                raise PayloadError(f"a {type(value).__name__}, not a base64 string")
+            try:
+                stored = base64.b64decode(value, validate=True)
+            except ValueError as exc:  # binascii.Error, or a non-ASCII string
+                raise PayloadError(f"not base64: {exc}") from None
+            outputs[tid] = wire.decode_output_text(stored)
+        except PayloadError as exc:
+            broken[tid] = f"the task's output inlined in the grid's answer is unreadable: {exc}"
+    return outputs, broken
 
 
 def build_batch(terminal: list[tuple[str, str, str]], processing: list[str], cursor: str | None,

@@ -5,7 +5,8 @@
 deployment ignores (see docs/architecture.md): ``after``/``wait_ms``/``listener`` on ``/result``
 for cursors and long polls, ``processing``/``failed_reason``/``cursor`` in its answer,
 ``counts=1`` on ``/result`` for a session's counts per state (``counts`` in the answer),
-``task_ids_to_cancel`` on ``/cancel``.
+``inline_outputs=<bytes>`` on ``/result`` for the finished tasks' outputs in the answer, within
+that budget (``inline_outputs`` in the answer), ``task_ids_to_cancel`` on ``/cancel``.
 
 Every request needs the grid's key in ``x-api-key`` or ``Authorization`` (401 without, 403 when
 wrong), checked before any body byte is read. Malformed requests get a 4xx with

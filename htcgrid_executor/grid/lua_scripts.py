@@ -7,7 +7,8 @@ Every script runs after :data:`PRELUDE`, and the prelude after the header that
 from :class:`~htcgrid_executor.states.TaskState`). No key or state is spelt in the Lua itself.
 """
 
-__all__ = ["PRELUDE", "SUBMIT", "CLAIM", "HEARTBEAT", "COMPLETE", "RELEASE", "EXPIRE", "EXPIRE_DUE", "FAIL", "CANCEL", "STARTING_WITH"]
+__all__ = ["PRELUDE", "SUBMIT", "CLAIM", "HEARTBEAT", "COMPLETE", "RELEASE", "EXPIRE", "EXPIRE_DUE", "FAIL", "CANCEL", "STARTING_WITH",
+           "WITHIN_BUDGET"]
 
 # Shared by every script: the clock, and how a change is announced. Every script
 # takes the retention period as ARGV[1] and ends with settle(): per-session counters change once
@@ -411,4 +412,24 @@ for i, key in ipairs(KEYS) do
   end
 end
 return found
+"""
+
+
+# KEYS: keys; ARGV: the most bytes in all, the most bytes of one value -> per key its value, or
+# false where it is missing or past either limit. Read-only: /result's inline outputs. STRLEN
+# first, so that a value past the limits never leaves Redis.
+WITHIN_BUDGET = r"""
+local left = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local values = {}
+for i, key in ipairs(KEYS) do
+  local size = redis.call('STRLEN', key)
+  local value = false
+  if size > 0 and size <= cap and size <= left then
+    value = redis.call('GET', key)
+    left = left - size
+  end
+  values[i] = value
+end
+return values
 """

@@ -4,6 +4,7 @@ A bad request raises :class:`Reject`, which the server turns into a 4xx."""
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 import time
@@ -23,11 +24,18 @@ from ..wire import (
 )
 from .state_table import MAX_PRIORITY, Event, StateTable
 
-__all__ = ["Routes", "Reject", "ROUTES", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_RETRIES"]
+__all__ = ["Routes", "Reject", "ROUTES", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_RETRIES",
+           "MAX_INLINE_BYTES", "MAX_INLINE_VALUE_BYTES"]
 
 MAX_TASKS_PER_SESSION = 1_000_000
 MAX_WAIT_MS = 20_000
 MAX_RETRIES = 100
+#: the most output bytes one ``/result`` answer inlines (``inline_outputs``), and of one output
+MAX_INLINE_BYTES = 1 << 20
+MAX_INLINE_VALUE_BYTES = 256 << 10
+# the most finished tasks whose outputs one answer looks at: bounds the script that reads them
+# when a big batch of tiny outputs would fit the budget (the rest are read from the data plane)
+_MAX_INLINE_TASKS = 10_000
 _COALESCE_MS = 5  # how long a long poll that saw only task starts waits for their ends
 
 
@@ -174,7 +182,7 @@ class Routes:
             raise Reject(400, "context.listener must be an id of letters, digits and '-'")
         return timeout, retries, priority, listener
 
-    # GET /result?submission_content=b64({"session_id": sid})[&after=&wait_ms=&listener=]
+    # GET /result?submission_content=b64({"session_id": sid})[&after=&wait_ms=&listener=&inline_outputs=]
     def result(self, content: str, params: dict[str, list[str]]) -> dict[str, Any]:
         query = self._query(content)
         sid = query.get("session_id")
@@ -182,9 +190,11 @@ class Routes:
             raise Reject(400, "submission_content must hold a 'session_id'")
         after = _cursor_param(params, "after")
         wait_ms = _int_param(params, "wait_ms", 0, 0, MAX_WAIT_MS)
+        inline_bytes = _int_param(params, "inline_outputs", 0, 0, MAX_INLINE_BYTES)
         listener = (params.get("listener") or [None])[0]
+        prefetched: dict[str, bytes] = {}
         if listener is not None:
-            events = self._listener_events(listener, after, wait_ms)
+            events, prefetched = self._listener_events(listener, after, wait_ms, inline_bytes)
         else:
             if not self.table.session_exists(sid):
                 raise Reject(404, f"unknown session {sid} (never submitted, or expired)")
@@ -194,30 +204,55 @@ class Routes:
             # the client's deadline runs (a read that only found nothing would hide it)
             raise Reject(507, f"the grid cannot make progress: {self.table.write_refusal}")
         body = _result_body(events, after)
+        if inline_bytes:
+            body["inline_outputs"] = self._inline_outputs(body["finished"][:_MAX_INLINE_TASKS], inline_bytes,
+                                                          prefetched)
         if listener is None and (params.get("counts") or [""])[0] == "1":
             body["counts"] = self._counts(sid)
         return body
 
-    def _listener_events(self, listener: str, after: str | None, wait_ms: int) -> list[Event]:
-        """The listener's events after ``after``, waiting up to ``wait_ms`` for the first."""
+    def _inline_outputs(self, finished: list[str], budget: int, prefetched: dict[str, bytes]) -> dict[str, str]:
+        """``inline_outputs``: task id -> standard base64 of its stored output (raw outputs are
+        binary, which JSON cannot carry), for those of ``finished`` that fit: each at most
+        :data:`MAX_INLINE_VALUE_BYTES`, ``budget`` bytes in all (stored bytes). Read here, one
+        local hop from Redis, to spare the client its own data-plane round trip; ``prefetched``
+        (read within ``budget`` with the events) are used first, the others read now."""
+        found = {tid: prefetched[tid] for tid in finished if tid in prefetched}
+        left = budget - sum(len(value) for value in found.values())
+        rest = [tid for tid in finished if tid not in found]
+        if rest and left > 0:
+            found.update(self.table.output_reads.within(rest, left, MAX_INLINE_VALUE_BYTES))
+        return {tid: base64.b64encode(value).decode("ascii") for tid, value in found.items()}
+
+    def _listener_events(self, listener: str, after: str | None, wait_ms: int,
+                         inline_bytes: int) -> tuple[list[Event], dict[str, bytes]]:
+        """The listener's events after ``after``, waiting up to ``wait_ms`` for the first, and
+        the outputs read with them (for ``inline_bytes`` > 0) of tasks that may have finished."""
         if not is_valid_session_id(listener):
             raise Reject(400, "query parameter 'listener' must be an id of letters, digits and '-'")
         if after is None:
             raise Reject(400, "query parameter 'listener' needs 'after' (a cursor, '0' at first)")
         started = time.monotonic()
         events = self.table.read_listener_events(listener, after, block_ms=wait_ms)
+        prefetched: dict[str, bytes] = {}
         if events and wait_ms and not any(e.state.is_terminal for e in events):
             # Only starts so far: a short task ends within milliseconds, and one answer for
             # both saves the client a round trip; a long task's start is reported 5 ms late.
             left_ms = wait_ms - (time.monotonic() - started) * 1000
             if left_ms >= 1:
-                events += self.table.read_listener_events(listener, events[-1].cursor,
-                                                          block_ms=int(min(_COALESCE_MS, left_ms)))
+                block_ms = int(min(_COALESCE_MS, left_ms))
+                if inline_bytes:  # the started tasks' outputs, should they end: no round trip of their own
+                    started_ids = [e.task_id for e in events][:_MAX_INLINE_TASKS]
+                    more, prefetched = self.table.read_listener_events_and_outputs(
+                        listener, events[-1].cursor, block_ms, started_ids, inline_bytes, MAX_INLINE_VALUE_BYTES)
+                else:
+                    more = self.table.read_listener_events(listener, events[-1].cursor, block_ms=block_ms)
+                events += more
         # the client has read what precedes ``after``: the entries go at the next trim (a
         # read route does not write, so reads keep working while Redis refuses writes)
         with self._read_lock:
             self._read_up_to[listener] = after
-        return events
+        return events, prefetched
 
     def _counts(self, sid: str) -> dict[str, int]:
         """The session hash's counters: pending and processing too, which no stream holds."""

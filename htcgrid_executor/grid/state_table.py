@@ -40,6 +40,7 @@ import redis
 from ..states import TaskState
 from ..wire import INPUT_SUFFIX, OUTPUT_SUFFIX, PAYLOAD_SUFFIX, output_key, payload_key
 from . import lua_scripts
+from .output_reads import OutputReads
 
 __all__ = ["StateTable", "Claim", "Event", "PREFIX", "MAX_PRIORITY", "redis_refusal"]
 
@@ -180,6 +181,7 @@ class StateTable:
                          "fail", "cancel")
         }
         self._starting_with = client.register_script(lua_scripts.STARTING_WITH)
+        self.output_reads = OutputReads(client)  # /result's inline_outputs
 
     def _run(self, name: str, *args: Any) -> Any:
         try:
@@ -403,16 +405,22 @@ class StateTable:
         to ``block_ms`` for the first one when there is none yet."""
         after = after or "0"
         if block_ms > 0:
-            found = self.redis.xread({stream_key: after}, count=count, block=block_ms)
-            entries = found[0][1] if found else []
-        else:
-            entries = self.redis.xrange(stream_key, min=f"({after}" if after != "0" else "-",
-                                        count=count)
-        events = []
-        for eid, fields in entries:
-            state, task_id, reason = fields[b"e"].decode().split(" ", 2)
-            events.append(Event(eid.decode(), task_id, _STATES[state], reason))
-        return events
+            return _events(self.redis.xread({stream_key: after}, count=count, block=block_ms))
+        return _events([(stream_key, self.redis.xrange(stream_key, min=f"({after}" if after != "0" else "-",
+                                                        count=count))])
+
+    def read_listener_events_and_outputs(self, listener: str, after: str, block_ms: int, task_ids: list[str],
+                                         budget: int, cap: int) -> tuple[list[Event], dict[str, bytes]]:
+        """:meth:`read_listener_events` (``block_ms`` > 0) and, in the same round trip (a pipeline),
+        :meth:`.OutputReads.within` of ``task_ids`` once the wait is over: for tasks expected to
+        finish during it. Outputs of tasks that finished just after the XREAD may be among them."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xread({_key_for("listener", listener): after}, count=100_000, block=block_ms)
+        self.output_reads.queue(pipe, task_ids, budget, cap)
+        found, outputs = pipe.execute(raise_on_error=False)
+        if isinstance(found, Exception):
+            raise found
+        return _events(found), self.output_reads.result(outputs, task_ids, budget, cap)
 
     def trim_listener(self, listener: str, before: str) -> None:
         """Drop a listener's entries older than ``before`` (the client has read them)."""
@@ -489,6 +497,12 @@ class StateTable:
             return {}
         return {task_id: raw for task_id, raw in zip(task_ids, self.redis.mget(
             [output_key(t) for t in task_ids]), strict=True) if raw is not None}
+
+
+def _events(found: list[Any] | None) -> list[Event]:
+    """The events of an XREAD answer (``[(stream, entries)]``; None or empty: none)."""
+    return [Event(eid.decode(), task_id, _STATES[state], reason) for eid, fields in (found[0][1] if found else [])
+            for state, task_id, reason in [fields[b"e"].decode().split(" ", 2)]]
 
 
 def _counts(pending: int, processing: int) -> dict[str, int]:

@@ -349,6 +349,36 @@ def test_poll_listener_cursor_mode(wired: Any) -> None:
     assert batch.finished == {s2["task_ids"][0]: "two"} and batch.processing == s1["task_ids"]
 
 
+def test_outputs_inlined_in_the_answer_are_used_and_the_others_read_from_the_data_plane(wired: Any) -> None:
+    conn, grid, redis_db = wired
+    lid = AWSConnector.new_listener_id()
+    sid = wire.new_session_id()
+    inlined, unreadable, not_a_string, not_inlined = (f"{sid}_{i}" for i in range(4))
+    put_outputs(redis_db, {inlined: "stale", not_inlined: "three"})
+    answer = cursor_answer("12-0", finished=[inlined, unreadable, not_a_string, not_inlined])
+    answer["inline_outputs"] = {inlined: base64.b64encode(wire.encode_output("zero")).decode(),
+                                unreadable: "not base64!", not_a_string: 5}
+    grid.script("GET", "/result", [(200, answer)])
+    batch = conn.poll_listener(lid, [{"session_id": sid, "task_ids": [inlined]}], after="10-0")
+    [req] = grid.calls()
+    assert req.params["inline_outputs"] == [str(1 << 20)]
+    # the inlined output wins over the data plane's; only the task without one is read there
+    assert batch.finished == {inlined: "zero", not_inlined: "three"}
+    assert set(batch.failed) == {unreadable, not_a_string}
+    assert all("inlined in the grid's answer is unreadable" in r for r in batch.failed.values())
+    assert conn.stats()["dataplane_calls"] == 1
+
+
+def test_inline_outputs_that_are_not_a_map_are_a_control_plane_error(wired: Any) -> None:
+    conn, grid, _ = wired
+    sid = wire.new_session_id()
+    answer = cursor_answer("12-0", finished=[f"{sid}_0"])
+    answer["inline_outputs"] = ["x"]
+    grid.script("GET", "/result", [(200, answer)])
+    with pytest.raises(ControlPlaneError, match="inline_outputs"):
+        conn.poll_session(sid, after="10-0")
+
+
 def test_poll_listener_falls_back_on_a_plain_deployment(wired: Any) -> None:
     conn, grid, redis_db = wired
     lid = AWSConnector.new_listener_id()

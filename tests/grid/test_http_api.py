@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from support import wait_for
 
 from htcgrid_executor import wire
+from htcgrid_executor.grid.routes import MAX_INLINE_VALUE_BYTES
 
 ROUTES = [("POST", "/submit"), ("GET", "/result"), ("POST", "/cancel")]
 
@@ -60,6 +61,12 @@ BAD_REQUESTS = [
     ("GET", "/result", {"submission_content": _b64({"session_id": "s"}), "after": "0", "wait_ms": "-1"}, 400, "wait_ms"),
     ("GET", "/result", {"submission_content": _b64({"session_id": "s"}), "after": "0", "wait_ms": "x"}, 400, "wait_ms"),
     ("GET", "/result", {"submission_content": _b64({"session_id": "s"}), "listener": "l"}, 400, "after"),
+    ("GET", "/result", {"submission_content": _b64({"session_id": "s"}), "inline_outputs": "x"}, 400,
+     "inline_outputs"),
+    ("GET", "/result", {"submission_content": _b64({"session_id": "s"}), "inline_outputs": "-1"}, 400,
+     "inline_outputs"),
+    ("GET", "/result", {"submission_content": _b64({"session_id": "s"}), "inline_outputs": str((1 << 20) + 1)},
+     400, "inline_outputs"),
     ("POST", "/cancel", {"submission_content": _b64({})}, 400, "nothing to cancel"),
     ("POST", "/cancel", {"submission_content": _b64({"session_ids_to_cancel": "abc"})}, 400, "list"),
     ("POST", "/cancel", {"submission_content": _b64({"task_ids_to_cancel": ["nounderscore"]})}, 400, "task id"),
@@ -307,3 +314,49 @@ def test_fuzzed_requests_to_all_three_routes_never_get_a_5xx(grid, caplog, metho
     if status >= 400 and b"\r\n\r\n" in rest and rest.split(b"\r\n\r\n", 1)[1]:
         assert b'"error"' in rest and b"Traceback" not in rest
     _no_server_errors_logged(caplog)
+
+
+def test_result_inlines_the_finished_tasks_outputs_as_asked(grid, client):
+    sid = client.submit([{"value": i} for i in range(3)] + [{"raise": "no"}])
+    client.wait(sid, 4)
+    answer = client.result(sid, after="0", inline_outputs=str(1 << 20))
+    stored = dict(zip(answer["finished"], grid.redis.mget([wire.output_key(t) for t in answer["finished"]]),
+                      strict=True))
+    assert len(stored) == 4  # a call that raised is finished, its output the error document
+    assert {t: base64.b64decode(v) for t, v in answer["inline_outputs"].items()} == stored
+    assert "inline_outputs" not in client.result(sid, after="0")  # only when asked
+
+
+def test_outputs_past_the_budget_are_left_to_the_data_plane(grid, client):
+    sid = client.submit([{"value": 1}, {"value": "x" * MAX_INLINE_VALUE_BYTES}, {"value": 3}])
+    client.wait(sid, 3)
+    small, big, last = wire.task_ids_for(sid, 3)
+    size = len(grid.redis.get(wire.output_key(small)))
+    assert len(grid.redis.get(wire.output_key(big))) > MAX_INLINE_VALUE_BYTES
+    # each value past the per-value cap is left out, the others fit the whole budget
+    assert set(client.result(sid, after="0", inline_outputs=str(1 << 20))["inline_outputs"]) == {small, last}
+    # a budget that one output fills: the tasks after it are not inlined
+    finished = client.result(sid, after="0")["finished"]
+    first = finished[0] if finished[0] != big else finished[1]
+    inlined = client.result(sid, after="0", inline_outputs=str(size))["inline_outputs"]
+    assert set(inlined) == {first}
+
+
+@pytest.mark.parametrize("scripts_lost", [False, True])
+def test_a_listeners_long_poll_inlines_the_outputs_of_tasks_that_end_during_it(grid, client, scripts_lost):
+    """The outputs of tasks that start and end within one long poll come inline (read with the
+    events that report their end), also after Redis lost its scripts (as after a restart)."""
+    listener = wire.new_session_id()
+    if scripts_lost:
+        grid.redis.script_flush()
+    sid = client.submit([{"value": 1}, {"value": 2}], listener=listener)
+    cursor, inlined, finished = "0", {}, []
+    deadline = time.monotonic() + 30
+    while len(finished) < 2:
+        assert time.monotonic() < deadline, "the tasks did not end"
+        answer = client.result(sid, listener=listener, after=cursor, wait_ms="2000", inline_outputs=str(1 << 20))
+        cursor = answer["cursor"]
+        finished += answer["finished"]
+        inlined.update(answer["inline_outputs"])
+    stored = grid.redis.mget([wire.output_key(t) for t in finished])
+    assert {t: base64.b64decode(v) for t, v in inlined.items()} == dict(zip(finished, stored, strict=True))
