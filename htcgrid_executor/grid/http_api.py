@@ -18,7 +18,7 @@ at once by as many pooled worker threads (one more gets a 503), each closed afte
 ``CONNECTION_TIMEOUT_SEC`` of silence.
 
 Redis refusing work is said as such, never as an internal error: 507 while it refuses writes
-(OOM, MISCONF: see :func:`~.state_table.redis_refusal`), 503 while it is busy or loading, 503
+(OOM, MISCONF: see :func:`~.redis_refusals.redis_refusal`), 503 while it is busy or loading, 503
 when it cannot be reached. Read routes never write, so reads work while Redis refuses writes;
 ``/result`` then answers 507 when it has nothing new, since nothing can happen.
 """
@@ -42,8 +42,9 @@ import redis
 
 from .dashboard import Dashboard
 from .http_head import HeadersTooLarge, read_headers
+from .redis_refusals import redis_refusal
 from .routes import MAX_RETRIES, MAX_TASKS_PER_SESSION, MAX_WAIT_MS, ROUTES, Reject, Routes
-from .state_table import StateTable, redis_refusal
+from .state_table import StateTable
 
 __all__ = ["ControlPlaneServer", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_CONNECTIONS", "CONNECTION_TIMEOUT_SEC"]
 

@@ -31,7 +31,6 @@ state table never grows without bound.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +40,9 @@ from ..states import TaskState
 from ..wire import INPUT_SUFFIX, OUTPUT_SUFFIX, PAYLOAD_SUFFIX, output_key, payload_key
 from . import lua_scripts
 from .output_reads import OutputReads
+from .redis_refusals import redis_refusal
 
-__all__ = ["StateTable", "Claim", "Event", "PREFIX", "MAX_PRIORITY", "redis_refusal"]
+__all__ = ["StateTable", "Claim", "Event", "PREFIX", "MAX_PRIORITY"]
 
 PREFIX = "htcgrid:"  # of every control-plane key (the Redis ACLs of redis_server.py use it too)
 _STATES = {state.value: state for state in TaskState}  # a dict lookup: reads parse many events
@@ -108,34 +108,6 @@ def _lua_header() -> str:
 
 
 _HEADER = _lua_header()
-
-
-# Redis refusals that are not an outage. The reason is the error's first word, after the
-# "-" of a command's error inside a script's error; redis-py strips the word of an OOM error.
-_REFUSAL = re.compile(r"(?:^|-)(MISCONF|OOM|BUSY|LOADING) ")
-_REFUSALS = {
-    "MISCONF": (507, "the grid's Redis cannot save its data and refuses writes (MISCONF: is its disk full?)"),
-    "OOM": (507, "the grid's Redis is out of memory and refuses writes (OOM: maxmemory reached)"),
-    "BUSY": (503, "the grid's Redis is busy running a long script; try again"),
-    "LOADING": (503, "the grid's Redis is loading its data after a restart; try again"),
-}
-
-
-def redis_refusal(exc: BaseException) -> tuple[int, str] | None:
-    """``(status, message)`` for a Redis error that says Redis refuses work rather than that
-    it cannot be reached: 507 when it refuses writes (full memory or disk), 503 when it is busy
-    or loading; None for any other error."""
-    if isinstance(exc, redis.exceptions.OutOfMemoryError):
-        word = "OOM"
-    elif isinstance(exc, redis.exceptions.BusyLoadingError):
-        word = "LOADING"
-    else:
-        match = _REFUSAL.search(str(exc))
-        if match is None:
-            return None
-        word = match.group(1)
-    status, message = _REFUSALS[word]
-    return status, f"{message}: {exc}"
 
 
 @dataclass(frozen=True)

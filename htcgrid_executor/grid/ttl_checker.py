@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import redis
 
-from .state_table import StateTable, redis_refusal
+from .redis_refusals import redis_refusal
+from .state_table import StateTable
 
 __all__ = ["TTLChecker"]
 
