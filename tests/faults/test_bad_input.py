@@ -62,7 +62,10 @@ def still_serving(grid, executor, connector, figures):
     answer = connector.get_results(response, timeout_sec=30)
     assert [decode_output(text, key) for text in answer["finished_OUTPUT"]] == [(True, 25)]
     connector.delete_session_data(response)
-    time.sleep(0.2)  # the executor deletes a collected session's keys from its sender thread
+    # the executor deletes collected sessions' keys from its sender thread, gathered every 0.25 s
+    deadline = time.monotonic() + 10
+    while not _data_keys(grid) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _data_keys(grid) <= before
     figures["tasks_run"] += 2
 

@@ -22,6 +22,7 @@ from fault_proxy import FaultProxy
 from support import wait_for
 
 from htcgrid_executor import BrokenGridExecutor, HTCGridExecutor
+from htcgrid_executor.grid.routes import MAX_INLINE_VALUE_BYTES
 
 B = 2.0  # broken_after_sec of these tests
 MARGIN = 1.5  # what may pass after B: the last try's clean-up, the threads' reaction, a loaded machine
@@ -118,7 +119,10 @@ def test_polls_of_a_silent_control_plane_fail_by_the_deadline(proxied, tmp_path)
 def test_result_reads_from_a_silent_redis_fail_by_the_deadline(proxied, tmp_path):
     _, redis, executor = proxied()
     gate = tmp_path / "gate"
-    future = executor.submit(fault_tasks.wait_for_file, str(gate), 1)
+    # an output too big for the grid to inline in its /result answer: the poller must read it
+    # from the data plane (a small one would come with the answer, past the silent Redis)
+    big = b"x" * (MAX_INLINE_VALUE_BYTES + 1000)
+    future = executor.submit(fault_tasks.wait_for_file, str(gate), big)
     wait_for(future.running, timeout=30)
     fault_at = time.monotonic()
     redis.silence()
