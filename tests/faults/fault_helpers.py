@@ -26,11 +26,18 @@ HERE = Path(__file__).parent
 class DoneCounter:
     """Counts the done-callbacks of futures: each must fire exactly once."""
 
-    def __init__(self, futures: Iterable[Future]) -> None:
-        self.futures = list(futures)
+    def __init__(self, futures: Iterable[Future] = ()) -> None:
+        self.futures: list[Future] = []
         self.calls: collections.Counter[int] = collections.Counter()
         self._lock = threading.Lock()
-        for index, future in enumerate(self.futures):
+        self.add(futures)
+
+    def add(self, futures: Iterable[Future]) -> None:
+        """Count these futures too."""
+        for future in futures:
+            with self._lock:
+                index = len(self.futures)
+                self.futures.append(future)
             future.add_done_callback(lambda _f, i=index: self._count(i))
 
     def _count(self, index: int) -> None:

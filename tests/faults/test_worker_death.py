@@ -4,6 +4,7 @@ limit; an agent survives the death of its runner."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import signal
@@ -62,29 +63,46 @@ class Killer(threading.Thread):
                     self.runners_killed += 1
                     last = self.progress()
 
+    def has_killed(self, *, runners: int, agents: int) -> bool:
+        """Whether at least this many runners and agents have been killed so far."""
+        return self.runners_killed >= runners and self.agents_killed >= agents
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_random_sigkills_during_a_long_run_lose_nothing_and_resolve_each_future_once(
         make_grid, make_executor, tmp_path, figures):
     # a kill every 0.25 s at most, and one per 6 calls ended, every fourth an agent (with its
-    # whole claimed batch): far more loss than the executor's default of 2 retries is for. This test is about nothing lost or run
-    # twice, not about the retry limit (test_a_call_that_kills_its_worker_every_time_... pins
-    # that): on a loaded machine a task that waits in claimed batches can be hit more than five
-    # times, so both limits are set high enough that no kill pattern exhausts them.
+    # whole claimed batch): far more loss than the executor's default of 2 retries is for. This
+    # test is about nothing lost or run twice, not about the retry limit
+    # (test_a_call_that_kills_its_worker_every_time_... pins that): on a loaded machine a task that
+    # waits in claimed batches can be hit more than five times, so both limits are set high enough
+    # that no kill pattern exhausts them.
     grid = make_grid(workers=2, retry_limit=20)
     executor = make_executor(grid, retry_count=20)
     log, map_log = tmp_path / "calls.log", tmp_path / "map.log"
-    n = 600  # 600 submits and a 600-item map under dozens of kills: each kill costs a respawn
+    n_map, at_least, wave = 600, 600, 50
     executor.submit(fault_tasks.square, 0).result(30)  # runners warm: kills hit a steady run
-    futures = [executor.submit(fault_tasks.logged_sleep_square, str(log), i, 0.005) for i in range(n)]
-    counter = DoneCounter(futures)
+    counter = DoneCounter()
     killer = Killer(grid, progress=lambda: len(counter.calls))
+    futures: list = []
     killer.start()
     try:
-        # and a map over the same grid at the same time, chunked, results in order
-        mapped = executor.map(fault_tasks.logged_sleep_square, [str(map_log)] * n, range(n), [0.0] * n,
-                              chunksize=20)
+        # a chunked map over the same grid at the same time, results in order
+        mapped = executor.map(fault_tasks.logged_sleep_square, [str(map_log)] * n_map, range(n_map),
+                              [0.0] * n_map, chunksize=20)
+        # submits in waves, the next one sent when half of the last has ended, until both enough
+        # calls and enough kills of each kind have happened: how long a fixed batch lasts depends
+        # on the machine, and a run that ends before the kills tests nothing
+        deadline = time.monotonic() + 90
+        while (len(futures) < at_least or not killer.has_killed(runners=5, agents=2)) \
+                and time.monotonic() < deadline:
+            first = len(futures)
+            sent = [executor.submit(fault_tasks.logged_sleep_square, str(log), i, 0.005)
+                    for i in range(first, first + wave)]
+            futures += sent
+            counter.add(sent)
+            concurrent.futures.wait(sent[:wave // 2], timeout=60)
         results = [f.result(timeout=120) for f in futures]
         map_results = list(mapped)
     finally:
@@ -92,18 +110,17 @@ def test_random_sigkills_during_a_long_run_lose_nothing_and_resolve_each_future_
         killer.join()
     time.sleep(0.2)  # a late duplicate resolution would show in the counts now
 
-    expected = [i * i for i in range(n)]
-    lost = sum(1 for got, want in zip(results, expected, strict=True) if got != want)
-    lost += sum(1 for got, want in zip(map_results, expected, strict=True) if got != want)
-    figures["tasks_run"] += 2 * n
+    n = len(futures)
+    lost = sum(1 for i, got in enumerate(results) if got != i * i)
+    lost += sum(1 for i, got in enumerate(map_results) if got != i * i)
+    figures["tasks_run"] += n + n_map
     figures["results_lost"] += lost
     figures["runners_killed"] += killer.runners_killed
     figures["agents_killed"] += killer.agents_killed
-    assert lost == 0
+    assert lost == 0 and len(map_results) == n_map
     counter.assert_each_once()
     # the faults really happened, and took work down with them
-    assert killer.runners_killed >= 5 and killer.agents_killed >= 2, (killer.runners_killed,
-                                                                       killer.agents_killed)
+    assert killer.has_killed(runners=5, agents=2), (killer.runners_killed, killer.agents_killed)
     runs = executions(log)
     assert set(runs) == set(range(n))  # every call ran ...
     extra = sum(runs.values()) - n  # ... and ran again only where a kill took its first run
@@ -111,7 +128,7 @@ def test_random_sigkills_during_a_long_run_lose_nothing_and_resolve_each_future_
     # on the grid, each task reached a terminal state exactly once, and it was "finished"
     ends = terminal_events(grid)
     assert ends and set(ends.values()) == {1}
-    assert len(ends) == n + n // 20 + 1
+    assert len(ends) == n + n_map // 20 + 1
     assert executor.sessions() == []  # nothing left outstanding
 
 
