@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from .errors import PayloadError
-from .payload import SignedPickle
+from .payload import SignedPickle, mac_from_text
 
 __all__ = [
     "OUTPUT_PLACEHOLDER",
@@ -254,7 +254,7 @@ def decode_raw(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         if isinstance(value, dict) and _BLOB in value:
             try:
                 mac_text, size = value[_BLOB]
-                mac = base64.urlsafe_b64decode(mac_text)
+                mac = mac_from_text(mac_text)
             except (TypeError, ValueError) as exc:
                 raise PayloadError(f"raw value has a malformed field {name!r}: {exc}") from exc
             if not isinstance(size, int) or size < 0 or offset + size > len(view):
@@ -288,9 +288,14 @@ def json_size(doc: dict[str, Any]) -> int:
 
 
 def _long_length(value: Any) -> int:
+    # the characters a long field adds between its quotes; 0 for a short one (dumped as it is)
     if isinstance(value, SignedPickle):
         return value.text_length()
-    return len(value) if isinstance(value, str) and len(value) > 256 else 0
+    if not isinstance(value, str) or len(value) <= 256:
+        return 0
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return len(value)  # nothing escaped (a blob's text): counted without a copy
+    return len(json.dumps(value)) - 2  # logs and messages: newlines and quotes are escaped
 
 
 def build_submission(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import io
 import json
 import os
 import pickle
@@ -80,6 +81,13 @@ class Scope:
     def unpickle(self, data: bytes) -> Any:
         """Unpickle verified ``data``, binding by-value functions to this scope's namespaces."""
         try:
+            if len(data) <= _SMALL_PICKLE:
+                # one copy of a small pickle costs less than the Python-level reads of a view; and
+                # one that names nothing of cloudpickle has no by-value function to bind here, so
+                # the C unpickler loads it as the scoped one would
+                small = bytes(data)
+                return pickle.loads(small) if b"cloudpickle" not in small \
+                    else _ScopedUnpickler(io.BytesIO(small), self).load()
             return _ScopedUnpickler(_ViewReader(data), self).load()
         except ModuleNotFoundError as exc:
             raise PayloadError(missing_module_message(exc)) from exc
@@ -146,7 +154,7 @@ class _ScopedUnpickler(pickle.Unpickler):
     them ``_make_function`` and ``_function_setstate``, which pyproject.toml pins; a version that
     renames them loses only the sharing, and the tests that check it fail.)"""
 
-    def __init__(self, file: _ViewReader, scope: Scope) -> None:
+    def __init__(self, file: Any, scope: Scope) -> None:
         super().__init__(file)
         self._scope = scope
 
@@ -180,6 +188,7 @@ def _set_scoped_function_state(scope: Scope, setstate: Callable[[Any, Any], None
 
 
 _FUNCTION_CACHE_SIZE = 32
+_SMALL_PICKLE = 64 * 1024
 
 # Scopes by the id an executor puts in its tasks, least recently used first. Bounded, and small:
 # a long-lived runner serves executor after executor, and each scope holds what its initializer

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import threading
 
 import pytest
-from executor_tasks import CustomError, add, identity, raise_custom, raise_unpicklable, square
+from executor_tasks import CustomError, add, identity, print_kib, raise_custom, raise_unpicklable, square
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from htcgrid_executor import codec, worker_scope
+from htcgrid_executor import codec, payload, worker_scope
 from htcgrid_executor.codec import (
     decode_output,
     is_executor_task,
@@ -22,7 +26,9 @@ from htcgrid_executor.codec import (
     task_binding,
 )
 from htcgrid_executor.errors import ConfigurationError, PayloadError, RemoteError, SignatureError
-from htcgrid_executor.payload import PAYLOAD_KEY_ENV, dumps_signed, loads_signed
+from htcgrid_executor.grid.runner import run_task
+from htcgrid_executor.payload import PAYLOAD_KEY_ENV, SignedPickle, dumps_signed, loads_signed
+from htcgrid_executor.wire import decode_output_text, decode_raw, encode_output, encode_raw, is_raw
 from htcgrid_executor.worker import lambda_handler
 
 KEY = "test-secret"
@@ -336,3 +342,38 @@ def test_log_note_is_a_note_on_311_and_a_message_line_before():
     old = NoNotes("boom")
     codec.log_note(old, "a\nb\n", "sid_0")
     assert str(old).startswith("boom\n--- last 2 log lines of task sid_0") and str(old).endswith("\na\nb")
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.text(max_size=100), context=st.text(alphabet="abc:_-=0123456789", max_size=60),
+       data=st.binary(max_size=300))
+def test_payload_macs_are_rfc_2104_hmac_sha256(key, context, data):
+    """Blobs signed by any version of the package, or by a deployment's worker, verify here: the
+    MAC is HMAC-SHA256 over the context line and the pickle, whatever the implementation."""
+    expected = hmac.new(key.encode(), (f"{context}\n" if context else "").encode() + data, hashlib.sha256)
+    blob = SignedPickle.from_text(payload.sign_bytes(data, key, context))
+    assert blob.mac == expected.digest() and payload.mac_from_text(blob.mac_text) == blob.mac
+    assert payload.verify_bytes(blob, key, context) == data
+
+
+def _raw_output_of(value, logs_kib, max_output_bytes):
+    task = make_task(pickle_function(print_kib, KEY, in_memory=True),
+                     pickle_args(print_kib, (logs_kib, value), {}, KEY, in_memory=True))
+    raw = encode_raw(seal_task(task, TASK_ID, KEY))
+    return run_task(lambda_handler, None, "spec", TASK_ID, raw, 0, max_output_bytes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(0, 200_000), logs_kib=st.integers(0, 40))
+def test_a_raw_output_is_refused_exactly_when_its_json_form_is_over_the_limit(size, logs_kib):
+    """The limit means the same on the local grid (raw outputs) as on a deployment (base64 JSON):
+    the output that would take exactly the limit as JSON is written, one byte less is refused."""
+    written = _raw_output_of("y" * size, logs_kib, 1 << 30)
+    assert is_raw(written)
+    doc = decode_raw(written)
+    json_form = json.dumps({k: v.text() if isinstance(v, SignedPickle) else v for k, v in doc.items()})
+    exact = len(encode_output(json_form))
+    assert decode_raw(_raw_output_of("y" * size, logs_kib, exact))["ok"] is True
+    for limit in (exact - 1, exact // 3):  # one byte over, far over
+        refused = decode_output_text(_raw_output_of("y" * size, logs_kib, limit))
+        assert "Runtime.ResponseSizeTooLarge" in refused and f"response of {exact} bytes" in refused
