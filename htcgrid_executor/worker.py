@@ -40,7 +40,7 @@ from .codec import (
 )
 from .errors import PayloadError, SignatureError
 from .payload import PAYLOAD_KEY_ENV, SignedPickle, pickle_signed, signing_key_from_env
-from .wire import session_of
+from .wire import encoded_size, session_of
 from .worker_scope import cache_key, scope_named
 
 __all__ = ["LOG_LIMIT_CHARS", "lambda_handler"]
@@ -265,7 +265,10 @@ def _result_envelope(result: Any, key: str, binding: str, limit: Any) -> dict[st
         return _exception_envelope(exc, key, binding)
     del result
     answer = {TASK_MARKER: VERSION, "ok": True, "result": blob, "binding": binding}
-    if isinstance(limit, int) and not isinstance(limit, bool) and output_size(answer) > limit:
+    # its JSON is the blob's text, the binding (each character escaped at worst to 12) and under
+    # 128 characters more: far under the limit (nearly every result) it needs no exact count
+    bound = encoded_size(blob.text_length() + 12 * len(binding) + 128)
+    if isinstance(limit, int) and not isinstance(limit, bool) and bound > limit and output_size(answer) > limit:
         # checked before anything is written: the data plane never sees an oversized value
         too_large = PayloadError(
             f"the result of the call is too large for the grid: {output_size(answer):,} bytes in "

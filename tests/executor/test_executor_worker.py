@@ -377,3 +377,17 @@ def test_a_raw_output_is_refused_exactly_when_its_json_form_is_over_the_limit(si
     for limit in (exact - 1, exact // 3):  # one byte over, far over
         refused = decode_output_text(_raw_output_of("y" * size, logs_kib, limit))
         assert "Runtime.ResponseSizeTooLarge" in refused and f"response of {exact} bytes" in refused
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(0, 100_000))
+def test_a_result_is_refused_in_the_worker_exactly_when_its_output_is_over_the_tasks_limit(size):
+    """``max_payload_bytes`` is checked where the result is made: a result whose output takes
+    exactly the limit comes back, one that takes a byte more fails its call with PayloadError."""
+    def answer(limit):
+        task = make_task(pickle_function(identity, KEY), pickle_args(identity, ("z" * size,), {}, KEY), limit=limit)
+        return lambda_handler(seal_task(task, TASK_ID, KEY), None)
+    exact = len(encode_output(json.dumps(answer(None))))
+    assert answer(exact)["ok"] is True
+    refused = answer(exact - 1)
+    assert refused["ok"] is False and "too large for the grid" in refused["message"]
