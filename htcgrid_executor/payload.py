@@ -88,8 +88,6 @@ class SignedPickle:
         return f"SignedPickle({self.mac_text[:8]}..., {len(self.data):,} bytes)"
 
 
-
-
 def mac_from_text(text: str) -> bytes:
     """The MAC that :attr:`SignedPickle.mac_text` wrote: ``base64.urlsafe_b64decode`` in one
     step (a task's pickles each carry one). Raises ValueError when ``text`` is not base64 text."""

@@ -54,6 +54,8 @@ __all__ = [
     "decode_raw",
     "is_raw",
     "json_size",
+    "pickles_text_length",
+    "raw_header_length",
     "encode_output",
     "decode_output_text",
     "encode_submission",
@@ -203,8 +205,8 @@ def decode_output_text(data: bytes | str) -> str:
     """The worker's response text from what ``<task_id>-output`` holds; for a raw output a
     :class:`RawOutput` (its header's JSON text, the envelope in ``doc``)."""
     if is_raw(data):
-        doc = decode_raw(data)  # type: ignore[arg-type]
-        return RawOutput(_raw_header(memoryview(data))[0], doc)  # the text as written, not dumped again
+        header, doc = _decode_raw(memoryview(data))  # type: ignore[arg-type]
+        return RawOutput(header, doc)  # the header's text as written, not dumped again
     try:
         return base64.b64decode(data, validate=True).decode()
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -248,11 +250,17 @@ def encode_raw(doc: dict[str, Any]) -> bytes:
 def decode_raw(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The dict of :func:`encode_raw`, its signed pickles views into ``data`` (not copied, not
     verified: that is the reader's, before it unpickles). Raises PayloadError when malformed."""
-    view = memoryview(data)
-    header, offset = _raw_header(view)
+    return _decode_raw(memoryview(data))[1]
+
+
+def _decode_raw(view: memoryview) -> tuple[str, dict[str, Any]]:
+    # (the header's JSON text, the dict of decode_raw)
+    start = len(RAW_MAGIC) + 8
+    offset = start + raw_header_length(view)
     try:
+        header = bytes(view[start:offset]).decode()
         doc = json.loads(header)
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise PayloadError(f"raw value has a malformed header: {exc}") from exc
     if not isinstance(doc, dict):
         raise PayloadError("raw value has a malformed header: not an object")
@@ -269,17 +277,12 @@ def decode_raw(data: bytes | bytearray | memoryview) -> dict[str, Any]:
             offset += size
     if offset != len(view):
         raise PayloadError("raw value has bytes after its last field")
-    return doc
+    return header, doc
 
 
-def _raw_header(view: memoryview) -> tuple[str, int]:
-    """The header's JSON text of a raw value and where its pickles start."""
-    start = len(RAW_MAGIC) + 8
-    end = start + int.from_bytes(view[len(RAW_MAGIC):start], "big")
-    try:
-        return bytes(view[start:end]).decode(), end
-    except UnicodeDecodeError as exc:
-        raise PayloadError(f"raw value has a malformed header: {exc}") from exc
+def raw_header_length(data: bytes | memoryview) -> int:
+    """The length of a raw value's JSON header (:func:`encode_raw`)."""
+    return int.from_bytes(data[len(RAW_MAGIC):len(RAW_MAGIC) + 8], "big")
 
 
 class RawOutput(str):
@@ -301,6 +304,12 @@ def json_size(doc: dict[str, Any]) -> int:
     strings = sum(_long_length(v) for v in doc.values())
     short = {k: ("" if _long_length(v) else v) for k, v in doc.items()}
     return len(_SIZE_ENCODER.encode(short)) + strings
+
+
+def pickles_text_length(doc: dict[str, Any]) -> int:
+    """What the signed pickles of ``doc`` take in its JSON, quotes included: a lower bound of
+    :func:`json_size`, and with :func:`raw_header_length` of its raw value an upper one."""
+    return sum(value.text_length() + 2 for value in doc.values() if isinstance(value, SignedPickle))
 
 
 def _long_length(value: Any) -> int:

@@ -30,12 +30,13 @@ from typing import Any
 from ..payload import SignedPickle
 from ..wire import (
     DEFAULT_MAX_PAYLOAD_BYTES,
-    RAW_MAGIC,
     decode_task,
     encode_output,
     encode_raw,
     encoded_size,
     json_size,
+    pickles_text_length,
+    raw_header_length,
 )
 from .child_processes import describe_exit, die_with_parent
 from .task_inputs import BigInput, fetch_big_input
@@ -150,14 +151,13 @@ def _raw_output(result: dict[str, Any], max_output_bytes: int) -> bytes | None:
         return output if len(output) <= max_output_bytes else encode_output(_too_large(len(output),
                                                                                        max_output_bytes))
     try:
-        pickles = sum(v.text_length() + 2 for v in result.values() if isinstance(v, SignedPickle))
+        pickles = pickles_text_length(result)
         if encoded_size(pickles) > max_output_bytes:  # too large whatever else it holds: no copy made
             return encode_output(_too_large(encoded_size(json_size(result)), max_output_bytes))
         output = encode_raw(result)
         # its JSON is at most the raw header plus each pickle as quoted text: under the limit
         # (nearly every output), it needs no exact count
-        header = int.from_bytes(output[len(RAW_MAGIC):len(RAW_MAGIC) + 8], "big")
-        if encoded_size(header + pickles) > max_output_bytes:
+        if encoded_size(raw_header_length(output) + pickles) > max_output_bytes:
             size = encoded_size(json_size(result))
             if size > max_output_bytes:
                 return encode_output(_too_large(size, max_output_bytes))
