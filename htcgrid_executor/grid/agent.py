@@ -13,14 +13,16 @@ the cancel. The main thread then sorts out the batch: outputs already produced a
 the interrupted task is timed out / retried / left cancelled, tasks not yet started go back to the
 queue, and a new runner is started for the next task.
 
-Who does what: :class:`Agent` (here) is the claim loop and decides each batch; ``_Batch`` holds a
+Who does what: :class:`Agent` (here) is the claim loop and decides each batch; ``.agent_batch.RunningBatch`` holds a
 running batch and its three deadlines (time limit, flush delay, straggler check);
 :mod:`.agent_ledger` holds what the agent owns, the outcomes an outage kept back and the
 :class:`~.agent_ledger.Watcher`; :mod:`.runner` holds both ends of the pipe to the runner child.
 
 Run as a process: ``python -m htcgrid_executor.grid.agent`` with its settings in the JSON
 environment variable ``HTCGRID_AGENT_CONFIG`` (never on the command line: it holds the Redis
-password), as :class:`~htcgrid_executor.grid.local_grid.LocalGrid` and the CLI do.
+password), as :class:`~htcgrid_executor.grid.local_grid.LocalGrid` and the CLI do. SIGTERM stops
+it (its unstarted tasks go back to the queue); :data:`RENEW_RUNNER_SIGNAL` has it replace its
+runner with a fresh process once it is idle.
 """
 
 from __future__ import annotations
@@ -39,20 +41,23 @@ import redis
 
 from ..backoff import Backoff
 from ..wire import encode_output, input_key
+from .agent_batch import RunnerStopped, RunningBatch
 from .agent_ledger import Ledger, PendingOutcomes, Watcher
 from .child_processes import die_with_parent
 from .runner import DEFAULT_MAX_OUTPUT_BYTES, RunnerProcess, error_document
 from .state_table import Claim, StateTable
 from .task_inputs import INLINE_INPUT_BYTES, BigInput, read_inputs
 
-__all__ = ["AgentSettings", "Agent", "AGENT_CONFIG_ENV", "main"]
+__all__ = ["AgentSettings", "Agent", "AGENT_CONFIG_ENV", "RENEW_RUNNER_SIGNAL", "main"]
 
 logger = logging.getLogger(__name__)
 
 AGENT_CONFIG_ENV = "HTCGRID_AGENT_CONFIG"
-_FLUSH_SEC = 0.005  # the longest a finished output waits to be completed with others
+# Asks an agent process to replace its runner before its next claim. SIGURG because its default
+# action is to ignore it: an agent still importing, before its handler is set, is not killed by
+# it (and it has a fresh runner coming anyway); an agent uses no out-of-band socket data.
+RENEW_RUNNER_SIGNAL = signal.SIGURG
 _BATCH_SEC = 0.05  # the most work (by the last batch's pace) one claim takes
-_STRAGGLER_SEC = 0.05  # a task in a batch running this long frees the tasks queued behind it
 _FIRST_RETRY_SEC, _MAX_RETRY_SEC = 0.05, 2.0  # waits between tries while Redis does not answer
 DEFAULT_HANDLER = "htcgrid_executor.worker:lambda_handler"
 
@@ -85,93 +90,11 @@ class StopRequested(Exception):
     """Raised by the SIGTERM handler to end an idle wait at once."""
 
 
-class _RunnerStopped(Exception):
-    """The runner had to be stopped (or died) in the middle of a batch."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why  # 'crash', 'timeout', 'stop' or 'lost'
-
-
-class _Batch:
-    """A batch running in the runner, and its three deadlines: the running task's time limit,
-    the flush delay of finished outputs, and the one check for a straggler."""
-
-    def __init__(self, runner: RunnerProcess, items: list[tuple[str, bytes | BigInput, int]],
-                 outputs: dict[str, bytes]) -> None:
-        self.runner = runner
-        self.items = items
-        self.outputs = outputs  # finished and not yet flushed: task id -> output
-        self.received = 0
-        self.first_unflushed = 0.0  # when the oldest unflushed output came (0: none)
-        self.straggler_checked = False
-
-    @property
-    def done(self) -> bool:
-        return self.received == len(self.items)
-
-    def limit_ms(self, index: int) -> int:
-        """The time limit of the batch's task ``index`` (0: none, or no such task)."""
-        return self.items[index][2] if 0 <= index < len(self.items) else 0
-
-    def next_wait(self) -> float:
-        """How long to wait for outputs before a deadline comes up."""
-        wait = 1.0
-        index = self.runner.running_index
-        if self.limit_ms(index):
-            deadline = self.runner.started_at() + self.limit_ms(index) / 1000
-            wait = min(wait, max(0.0, deadline - time.monotonic()) + 0.001)
-        if self.outputs:  # never sit on a finished output for more than a few milliseconds
-            wait = min(wait, max(0.0, self.first_unflushed + _FLUSH_SEC - time.monotonic()))
-        if not self.straggler_checked and len(self.items) > 1:
-            wait = min(wait, _STRAGGLER_SEC)
-        return wait
-
-    def collect(self, wait: float) -> None:
-        """Take the outputs the runner sent within ``wait`` seconds. Raises EOFError/OSError
-        if it died."""
-        received = self.runner.outputs(wait)
-        if received is None:
-            return
-        for index, output in received:
-            self.received += 1
-            if output is not None:
-                self.outputs[self.items[index][0]] = output
-        self.first_unflushed = self.first_unflushed or time.monotonic()
-
-    def flush_due(self) -> bool:
-        """Whether the outputs should be completed now: a group waited long enough, is big, or
-        the batch is done."""
-        return bool(self.outputs) and (time.monotonic() - self.first_unflushed >= _FLUSH_SEC
-                                       or len(self.outputs) >= 64 or self.done)
-
-    def flushed(self) -> None:
-        """The outputs were completed (or kept for later): the next group starts empty."""
-        self.outputs.clear()
-        self.first_unflushed = 0.0
-
-    def enforce_limits(self, stop_event: threading.Event) -> int | None:
-        """Kill the runner if its task ran over its time limit or the agent is stopping (raises
-        _RunnerStopped); else the index of a straggler to release the tasks behind, once per
-        batch (the batch was sized for short tasks), or None."""
-        index = self.runner.running_index
-        running_ns = self.runner.running_ns()
-        if self.limit_ms(index) and running_ns / 1e6 >= self.limit_ms(index):
-            self.runner.kill()
-            raise _RunnerStopped("timeout")
-        if stop_event.is_set():  # asked to stop: unfinished work goes back
-            self.runner.kill()
-            raise _RunnerStopped("stop")
-        if not self.straggler_checked and 0 <= index and running_ns / 1e9 >= _STRAGGLER_SEC:
-            self.straggler_checked = True
-            return index
-        return None
-
-
 class Agent:
     """Runs tasks until ``stop`` is set. Thread-safe only in the ways the watcher needs."""
 
     idle = False  # True while the main thread waits on the doorbell (safe to interrupt)
+    renewal_requested = False  # set by RENEW_RUNNER_SIGNAL: replace the runner before the next claim
 
     def __init__(self, settings: AgentSettings, client: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -237,6 +160,8 @@ class Agent:
 
     def _step(self) -> None:
         """One turn of the main loop: recover from an outage, claim, run (or wait for work)."""
+        if self.renewal_requested:
+            self._renew_runner()
         if self.outcomes.waiting:
             self.outcomes.recover()
         claims, left = self.table.claim_and_look(self.agent_id, self._claim_size(), self.lease_ms,
@@ -315,6 +240,16 @@ class Agent:
             return max(1, min(self._batch, limit - runner.tasks_run))
         return self._batch
 
+    def _renew_runner(self) -> None:
+        """Replace the idle runner with a fresh process (an embedded grid kept for the next
+        executor: its calls must find no module state of the last one's). The new one is started
+        before the old one is stopped, so that its imports overlap the old one's exit."""
+        self.renewal_requested = False
+        with self.ledger.lock:
+            old, self.ledger.runner = self.ledger.runner, self._new_runner()
+        if old is not None:
+            old.stop()
+
     def _new_runner(self) -> RunnerProcess:
         return RunnerProcess(self.settings.handler, self.settings.max_batch, self.settings.max_output_bytes,
                              self.settings.redis_url)
@@ -353,7 +288,7 @@ class Agent:
     def _run_in_runner(self, items: list[tuple[str, bytes | BigInput, int]], outputs: dict[str, bytes]) -> None:
         """Run a batch in the runner, completing outputs as they come back (in groups, but
         never later than a few milliseconds after they are ready)."""
-        batch = _Batch(self._start_batch(items), items, outputs)
+        batch = RunningBatch(self._start_batch(items), items, outputs)
         try:
             while not batch.done:
                 batch.collect(batch.next_wait())
@@ -365,8 +300,8 @@ class Agent:
                 straggler = batch.enforce_limits(self.stop_event)
                 if straggler is not None:
                     self._release_behind(batch, straggler)
-        except (EOFError, OSError, _RunnerStopped) as exc:
-            why = exc.why if isinstance(exc, _RunnerStopped) else "crash"
+        except (EOFError, OSError, RunnerStopped) as exc:
+            why = exc.why if isinstance(exc, RunnerStopped) else "crash"
             self.outcomes.flush(outputs)
             batch.flushed()
             self._after_runner_stopped(batch, why)
@@ -409,7 +344,7 @@ class Agent:
                 self.ledger.runner = None
             runner.stop()
 
-    def _release_behind(self, batch: _Batch, index: int) -> None:
+    def _release_behind(self, batch: RunningBatch, index: int) -> None:
         """The task at ``index`` is slow: give the tasks queued behind it in this batch back to the
         queue, so idle agents run them now instead of after it."""
         runner = batch.runner
@@ -438,7 +373,7 @@ class Agent:
         self.ledger.runner = self._new_runner()
         return self.ledger.runner
 
-    def _after_runner_stopped(self, batch: _Batch, why: str) -> None:
+    def _after_runner_stopped(self, batch: RunningBatch, why: str) -> None:
         """Decide the batch after its runner was killed or died: the task it was running is
         timed out, retried (crash) or released (stop); the others go back to the queue."""
         runner = batch.runner
@@ -486,8 +421,12 @@ def main() -> int:
         if agent.idle:  # interrupt the blocking wait; elsewhere the loop sees the flag itself
             raise StopRequested
 
+    def request_renewal(signum, frame):  # noqa: ARG001 - signal handler signature
+        agent.renewal_requested = True  # the grid rings the doorbell next, which ends the wait
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(RENEW_RUNNER_SIGNAL, request_renewal)
     agent.run()
     return 0
 
