@@ -495,7 +495,9 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         "executor runs in its own process with a wall-clock bound per section; `timeout` in a cell "
         "means the bound passed. `python -m benchmarks.micro` times the layers of one task in isolation; "
         "`python -m benchmarks.paired OTHER_TREE` runs a short measurement on this checkout and another "
-        "source tree alternately and prints the pairs (for judging a change on a busy machine).\n",
+        "source tree alternately and prints the pairs (for judging a change on a busy machine); "
+        "`python -m benchmarks.startup` times making an executor (the first of a process, the next "
+        "right after a shutdown, and one a second later) beside ProcessPoolExecutor.\n",
         "## Machine\n",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; {m['os']}\n"
         f"- {m['python']}; {versions}\n"

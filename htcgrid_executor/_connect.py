@@ -42,11 +42,10 @@ def open_grid(connector: GridConnector | None, config: dict[str, Any] | str | os
 
     grid = None
     if config is None:
-        from .grid import LocalGrid
+        from .grid.idle_grids import take_grid
 
-        grid = LocalGrid(workers=max_workers, max_tasks_per_child=max_tasks_per_child,
-                         max_payload_bytes=max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES)
-        grid.start()
+        # the grid the last such executor of this process left, when it is the same (see idle_grids)
+        grid = take_grid(max_workers, max_tasks_per_child, max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES)
         config = grid.client_config
     try:
         made = AWSConnector(load_config(config))
@@ -60,12 +59,20 @@ def open_grid(connector: GridConnector | None, config: dict[str, Any] | str | os
     return made, grid, True
 
 
+def release_grid(grid: Any) -> None:
+    """The executor that :func:`open_grid` started (or took) ``grid`` for is done with it: it is
+    kept for the next executor, or stopped."""
+    from .grid.idle_grids import hand_back
+
+    hand_back(grid)
+
+
 def close_opened(connector: GridConnector, owns_connector: bool, grid: Any) -> None:
     """Undo :func:`open_grid` when the executor's construction fails after it."""
     if owns_connector:
         connector.close()
     if grid is not None:
-        grid.stop()
+        release_grid(grid)
 
 
 def payload_limit(connector: GridConnector, max_payload_bytes: int | None) -> int:

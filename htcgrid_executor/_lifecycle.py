@@ -107,10 +107,11 @@ class _Owned:
     them because it is the last to need the grid."""
 
     def __init__(self, shares: Any, connector: Any, owns_connector: bool, grid: Any,
-                 budget_sec: float | None = None) -> None:
+                 budget_sec: float | None, release_grid: Callable[[Any], None]) -> None:
         self.shares = shares
         self.connector = connector if owns_connector else None
         self.grid = grid  # an embedded LocalGrid, or None
+        self.release_grid = release_grid  # keeps an embedded grid for the next executor, or stops it
         self.budget_sec = budget_sec  # the executor's broken_after_sec: what deleting the shares may take
 
     def release(self) -> None:
@@ -129,6 +130,6 @@ class _Owned:
         if self.grid is not None:
             grid, self.grid = self.grid, None
             try:
-                grid.stop()
+                self.release_grid(grid)
             except Exception as exc:  # noqa: BLE001
                 logger.debug("embedded grid stop failed: %s", exc)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from . import _lifecycle
 from ._call_table import _CallTable
 from ._calls import _Call
-from ._connect import close_opened, open_grid, payload_limit, task_bindings
+from ._connect import close_opened, open_grid, payload_limit, release_grid, task_bindings
 from ._connector_protocol import GridConnector
 from ._deployment import _DeploymentTraits
 from ._map import map_on_grid
@@ -178,7 +178,8 @@ class HTCGridExecutor(Executor):
 
     def _make_threads(self, owns_connector: bool, broken_after_sec: float) -> tuple[threading.Thread, ...]:
         owner = weakref.ref(self)  # the threads must not keep the executor alive
-        owned = _lifecycle._Owned(self._shares, self._connector, owns_connector, self._grid, broken_after_sec)
+        owned = _lifecycle._Owned(self._shares, self._connector, owns_connector, self._grid, broken_after_sec,
+                                  release_grid)
         args = (owner, self._table, self._connector, self._traits, self._signing_key, broken_after_sec)
         return (_SenderThread(*args, owned), _PollerThread(*args))
 

@@ -258,7 +258,7 @@ def test_local_grid_surface():
     assert public_members(LocalGrid) == {
         "start", "stop", "add_agents", "url", "dashboard_url", "client_config", "write_client_config",
         "agent_pids", "runner_pids", "requests_served", "agent_stats", "restart_control_plane", "restart_redis",
-        "control_plane_stats",
+        "control_plane_stats", "renew_runners",
     }
     assert parameters(LocalGrid.__init__) == [
         "self", "workers", "handler=", "folder=", "redis_url=", "host=", "port=", "heartbeat_sec=",
@@ -267,6 +267,14 @@ def test_local_grid_surface():
     ]
     assert inspect.signature(LocalGrid).parameters["handler"].default == "htcgrid_executor.worker:lambda_handler"
     assert hasattr(LocalGrid, "__enter__") and hasattr(LocalGrid, "__exit__")
+
+
+def test_kept_embedded_grid_surface():
+    from htcgrid_executor.grid import idle_grids
+
+    assert idle_grids.__all__ == ["KEEP_IDLE_GRID_ENV", "take_grid", "hand_back", "stop_idle_grids"]
+    assert idle_grids.KEEP_IDLE_GRID_ENV == "HTCGRID_KEEP_IDLE_GRID_SEC"
+    assert parameters(idle_grids.stop_idle_grids) == []
 
 
 def test_progress_helper():

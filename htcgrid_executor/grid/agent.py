@@ -13,8 +13,9 @@ the cancel. The main thread then sorts out the batch: outputs already produced a
 the interrupted task is timed out / retried / left cancelled, tasks not yet started go back to the
 queue, and a new runner is started for the next task.
 
-Who does what: :class:`Agent` (here) is the claim loop and decides each batch; ``.agent_batch.RunningBatch`` holds a
-running batch and its three deadlines (time limit, flush delay, straggler check);
+Who does what: :class:`Agent` (here) is the claim loop and decides each batch;
+:class:`~.agent_batch.RunningBatch` holds a running batch and its three deadlines (time limit,
+flush delay, straggler check);
 :mod:`.agent_ledger` holds what the agent owns, the outcomes an outage kept back and the
 :class:`~.agent_ledger.Watcher`; :mod:`.runner` holds both ends of the pipe to the runner child.
 

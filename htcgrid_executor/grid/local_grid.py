@@ -42,7 +42,7 @@ import redis
 from ..errors import ConfigurationError, GridUnavailableError
 from ..payload import PAYLOAD_KEY_ENV, new_signing_key
 from ..wire import DEFAULT_MAX_PAYLOAD_BYTES
-from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, AgentSettings
+from .agent import AGENT_CONFIG_ENV, DEFAULT_HANDLER, RENEW_RUNNER_SIGNAL, AgentSettings
 from .child_processes import describe_exit, python_child_env, spawn
 from .control_plane import ControlPlaneProcess, ControlPlaneSettings
 from .redis_server import GRID_ROLES, RedisServer
@@ -292,6 +292,20 @@ class LocalGrid:
                                process.pid, describe_exit(process.returncode))
                 if not self._stopping.is_set():
                     self.add_agents(1)
+
+    def renew_runners(self) -> None:
+        """Have every agent of this grid replace its runner with a fresh process once it is
+        idle (at once when it is): the next calls find no module state, no imports and no
+        children of the ones before, as the workers of a new process pool would. The agents
+        started elsewhere (``htcgrid-executor agent``) are not asked. Returns at once."""
+        pids = self.agent_pids()
+        for pid in pids:
+            try:
+                os.kill(pid, RENEW_RUNNER_SIGNAL)
+            except ProcessLookupError:  # it just died: the supervisor starts a fresh one
+                pass
+        if pids and self.table is not None:
+            self.table.ring_doorbell(len(pids))  # an agent waiting for work wakes to renew now
 
     def restart_control_plane(self, down_sec: float = 0.0) -> None:
         """Stop the HTTP API and start it again on the same address after ``down_sec``

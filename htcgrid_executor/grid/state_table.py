@@ -242,6 +242,11 @@ class StateTable:
         ``timeout`` seconds."""
         self.redis.blpop([_key_for("doorbell")], timeout=timeout)
 
+    def ring_doorbell(self, tokens: int) -> None:
+        """Wake up to ``tokens`` waiting agents (each wait takes one token)."""
+        if tokens > 0:
+            self.redis.lpush(_key_for("doorbell"), *["1"] * tokens)
+
     def take_cancellations(self, agent: str, timeout: float) -> set[str]:
         """The task ids cancelled (by ``cancel``) from ``agent`` since its last call, waiting up
         to ``timeout`` seconds for the first; :meth:`wake_watcher` ends the wait early."""

@@ -23,7 +23,6 @@ from executor_tasks import (
     exit_process,
     failing_initializer,
     get_initialized,
-    getpid,
     initializer,
     kill_runner_once,
     raise_unpicklable,
@@ -538,15 +537,6 @@ def test_a_lost_grid_breaks_the_executor_after_its_deadline():
 
 
 # ------------------------------------------------------------------------------ lifecycle
-
-
-def test_the_embedded_grid_starts_and_stops_with_the_executor():
-    with HTCGridExecutor(max_workers=1) as executor:
-        agents = executor._grid.agent_pids()
-        assert len(agents) == 1
-        assert executor.submit(getpid).result(timeout=T) != os.getpid()
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in agents)
 
 
 def test_a_config_file_path_is_accepted(grid, tmp_path):
