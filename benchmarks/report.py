@@ -508,7 +508,8 @@ def write_report(doc: dict, out: Path) -> tuple[Path, str]:
         "throughput, lower for latency).\n",
         table,
         "How each figure is taken:\n\n"
-        f"- *map*: `list(ex.map(noop, range({cfg['map_items']:,}), chunksize=c))`, timed from the call to "
+        f"- *map*: `list(ex.map(noop, range(n), chunksize=c))` with n = {cfg['map_items']:,} at chunksize 1 "
+        f"and {cfg.get('map_c100_items', cfg['map_items']):,} at chunksize 100, timed from the call to "
         f"the last result, median of {cfg['repeats']} run(s) (one when a run takes over 10 s); `noop` returns its argument. dask's `ClientExecutor.map` drops `chunksize` "
         "(one dask task per item), so its two columns measure the same thing.\n"
         f"- *busy client*: the chunksize-1 map of {cfg['busy_items']:,} no-ops consumed by a thread while "

@@ -7,7 +7,8 @@ Usage::
 For each executor (``htcgrid``, ``process``, ``loky``, ``dask``) one child process
 (:mod:`benchmarks.child`) starts the executor, warms it up and runs the sections in turn:
 
-1. ``map_c1`` / ``map_c100``: ``map`` of a no-op over ``--map-items`` items, chunksize 1 and 100;
+1. ``map_c1`` / ``map_c100``: ``map`` of a no-op over ``--map-items`` items at chunksize 1, and ten
+   times as many at chunksize 100;
 2. ``busy``: the chunksize-1 ``map`` (``--busy-items``) while the client's main thread runs a
    pure-Python loop;
 3. ``latency``: ``submit(noop).result()`` one at a time, p50/p99;
