@@ -64,3 +64,13 @@ def test_paired_runs_print_both_trees_side_by_side():
     assert proc.stdout.startswith(f"this: {ROOT}; other: {ROOT}")  # each run imported the tree named
     rows = [line.split(" | ")[:2] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == [["| other", "1"], ["| this", "1"], ["| other", "median"], ["| this", "median"]]
+
+
+@pytest.mark.timeout(120)
+def test_startup_benchmark_prints_the_first_next_and_later_executor_of_both():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--rounds", "1", "--pause", "0.2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split()[:2] for line in proc.stdout.splitlines()[2:]]
+    assert rows == [[executor, which] for executor in ("ProcessPoolExecutor", "HTCGridExecutor()")
+                    for which in ("first", "next", "later")]
