@@ -48,6 +48,7 @@ _lock = threading.Lock()
 _idle: tuple[LocalGrid, str, threading.Timer, int] | None = None
 _keys: dict[int, tuple[str, float]] = {}  # id(grid) -> (its key, how long to keep it) while in use
 _exiting = False
+_expiring = threading.Lock()  # held while an idle grid's time ran out and it stops
 _atexit_registered = False
 
 
@@ -138,12 +139,13 @@ def hand_back(grid: LocalGrid) -> None:
 
 def _expire(grid: LocalGrid) -> None:
     global _idle
-    with _lock:
-        if _idle is None or _idle[0] is not grid:
-            return  # taken again, or replaced, in the meantime
-        _idle = None
-    logger.debug("embedded grid at %s idle too long: stopping it", grid.url)
-    grid.stop()
+    with _expiring:
+        with _lock:
+            if _idle is None or _idle[0] is not grid:
+                return  # taken again, or replaced, in the meantime
+            _idle = None
+        logger.debug("embedded grid at %s idle too long: stopping it", grid.url)
+        grid.stop()
 
 
 def stop_idle_grids() -> None:
@@ -163,6 +165,10 @@ def _at_exit() -> None:
     with _lock:
         _exiting = True
     stop_idle_grids()
+    # a grid whose idle time ran out just now is stopping in its timer thread, which the exit
+    # would cut short (leaving its temporary folder): let it finish
+    if _expiring.acquire(timeout=30):
+        _expiring.release()
 
 
 def _answers(grid: LocalGrid) -> bool:
