@@ -209,7 +209,7 @@ def runner_main(conn: Connection, spec: str, parent_pid: int, max_output_bytes: 
                 continue
             batch[index] = None  # the input goes with its task (it may be hundreds of MB)
             outbox.put(index, run_task(handler, load_error, spec, task_id, raw_input, timeout_ms,
-                                       max_output_bytes, redis_url))
+                                       max_output_bytes, redis_url), last=index == len(batch) - 1)
             del raw_input
         progress[0] = len(batch)
         outbox.flush()
@@ -226,10 +226,12 @@ class _Outbox:
         self._done: list[tuple[int, bytes | None]] = []
         threading.Thread(target=self._flush_soon, name="htcgrid-runner-outbox", daemon=True).start()
 
-    def put(self, index: int, output: bytes | None) -> None:
+    def put(self, index: int, output: bytes | None, last: bool = False) -> None:
+        """Queue an output; ``last``: the batch's last one, which :meth:`flush` sends at once, so
+        the thread is not woken for it (a single task's output would cost a thread switch)."""
         with self._ready:
             self._done.append((index, output))
-            if len(self._done) == 1:
+            if len(self._done) == 1 and not last:
                 self._ready.notify()
 
     def flush(self) -> None:
