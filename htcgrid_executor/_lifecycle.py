@@ -132,4 +132,4 @@ class _Owned:
             try:
                 self.release_grid(grid)
             except Exception as exc:  # noqa: BLE001
-                logger.debug("embedded grid stop failed: %s", exc)
+                logger.debug("embedded grid not released: %s", exc)

@@ -126,15 +126,16 @@ def hand_back(grid: LocalGrid) -> None:
     timer.name, timer.daemon = "htcgrid-idle-grid", True
     with _lock:
         previous, _idle = _idle, (grid, key, timer, os.getpid())
-        if _exiting:  # the exit handler ran meanwhile: it would not see this grid
+        exiting = _exiting
+        if exiting:  # the exit handler ran meanwhile: it would not see this grid
             _idle = None
     if previous is not None and previous[3] == os.getpid():  # another executor's grid was kept
         previous[2].cancel()
         previous[0].stop()
-    if _idle is None:
+    if exiting:
         grid.stop()
         return
-    timer.start()
+    timer.start()  # (a take_grid that came first cancelled it: it then ends at once)
 
 
 def _expire(grid: LocalGrid) -> None:
