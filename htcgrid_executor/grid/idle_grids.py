@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
@@ -46,7 +47,9 @@ _lock = threading.Lock()
 # the kept grid, its key, its expiry, and the process that kept it (a fork's child must not
 # stop its parent's grid)
 _idle: tuple[LocalGrid, str, threading.Timer, int] | None = None
-_keys: dict[int, tuple[str, float]] = {}  # id(grid) -> (its key, how long to keep it) while in use
+# grid -> (its key, how long to keep it) while an executor uses it; weak, so that a grid dropped
+# without a hand-back (its connector could not be made) leaves no entry for another to match
+_keys: weakref.WeakKeyDictionary[LocalGrid, tuple[str, float]] = weakref.WeakKeyDictionary()
 _exiting = False
 _expiring = threading.Lock()  # held while an idle grid's time ran out and it stops
 _atexit_registered = False
@@ -88,7 +91,7 @@ def take_grid(workers: int | None, max_tasks_per_child: int | None, max_payload_
         timer.cancel()
         if idle_key == key and _answers(grid):
             with _lock:
-                _keys[id(grid)] = (key, keep_sec)
+                _keys[grid] = (key, keep_sec)
             logger.debug("embedded grid at %s taken again", grid.url)
             return grid
         grid.stop()
@@ -98,7 +101,7 @@ def take_grid(workers: int | None, max_tasks_per_child: int | None, max_payload_
                      max_payload_bytes=max_payload_bytes)
     grid.start()
     with _lock:
-        _keys[id(grid)] = (key, keep_sec)
+        _keys[grid] = (key, keep_sec)
     return grid
 
 
@@ -107,7 +110,7 @@ def hand_back(grid: LocalGrid) -> None:
     renewed runners, or stop it (keeping is off, the interpreter is exiting, or it fails)."""
     global _idle, _atexit_registered
     with _lock:
-        key, keep_sec = _keys.pop(id(grid), ("", 0.0))
+        key, keep_sec = _keys.pop(grid, ("", 0.0))
         keep = keep_sec > 0 and not _exiting and bool(key)
         if keep and not _atexit_registered:
             # registered after the grids' own exit handler, so it runs first (atexit is LIFO)
