@@ -45,6 +45,7 @@ from ..wire import encode_output, input_key
 from .agent_batch import RunnerStopped, RunningBatch
 from .agent_ledger import Ledger, PendingOutcomes, Watcher
 from .child_processes import die_with_parent
+from .direct_redis import DirectRedis
 from .runner import DEFAULT_MAX_OUTPUT_BYTES, RunnerProcess, error_document
 from .state_table import Claim, StateTable
 from .task_inputs import INLINE_INPUT_BYTES, BigInput, read_inputs
@@ -100,7 +101,7 @@ class Agent:
     def __init__(self, settings: AgentSettings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.agent_id = settings.agent_id
-        self.redis = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30,
+        self.redis = client or DirectRedis.from_url(settings.redis_url, socket_timeout=30,
                                                     health_check_interval=30)
         self.table = StateTable(self.redis, retention_sec=settings.retention_sec)
         self.lease_ms = int(settings.lease_sec * 1000)

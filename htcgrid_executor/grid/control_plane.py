@@ -324,13 +324,12 @@ def _forward_logs(level: int) -> logging.Logger:
 
 
 def _serve(settings: ControlPlaneSettings, package_logger: logging.Logger) -> int:
-    import redis
-
+    from .direct_redis import DirectRedis
     from .http_api import ControlPlaneServer
     from .state_table import StateTable
     from .ttl_checker import TTLChecker
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    client = DirectRedis.from_url(settings.redis_url, socket_timeout=30)
     table = StateTable(client, retention_sec=settings.retention_sec)
     try:
         http = ControlPlaneServer(table, settings.api_key, host=settings.host, port=settings.port,

@@ -51,6 +51,8 @@ __all__ = ["ControlPlaneServer", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_CO
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+#: (second, its Date header), shared by the handler threads (replaced whole: no lock needed)
+_date_header: tuple[int, str] = (0, "")
 MAX_CONNECTIONS = 64  # connections served at once; more get a 503
 CONNECTION_TIMEOUT_SEC = 30.0  # a silent connection is closed after this long
 
@@ -166,6 +168,18 @@ class _Handler(BaseHTTPRequestHandler):
         if expect == "100-continue" and self.protocol_version >= "HTTP/1.1" and self.request_version >= "HTTP/1.1":
             return self.handle_expect_100()
         return True
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header's value; the current one is formatted once a second, not once an
+        answer (``email.utils.formatdate`` was 4% of the control plane's time per single task)."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        global _date_header
+        second = int(time.time())
+        cached = _date_header
+        if cached[0] != second:
+            cached = _date_header = (second, super().date_time_string(second))
+        return cached[1]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if not self.server.dashboard.serve(self, "GET"):
