@@ -9,14 +9,22 @@ secret like the pickles: only a key holder can name where the worker connects), 
 keeps the promises itself, through two keys per task in the data plane::
 
     <task_id>-cancel    written by the client (one batched write) when the call is cancelled
+                        and it need not know whether the call had begun
     <task_id>-run       the run marker, first writer wins (Redis Lua script / S3 conditional put):
                         {"state": "running", "owner", "until", "attempt"}  a lease the run renews
                         {"state": "done", "envelope"}                       the first run's answer
                         {"state": "collected"}                              written by the client
+                        {"state": "cancelled"}                              created by the client
+
+A cancel that must know whether the call began (``Future.cancel()``, ``shutdown(cancel_futures=
+True)``) creates the run marker as ``cancelled`` unless a worker created it first: the one
+conditional write on the one key decides, on Redis and on S3 alike, so a call is either
+cancelled and never runs, or begun and kept.
 
 Before running user code the handler asks the marker (one atomic step):
 
-- cancel mark present: answer ``"error": "cancelled"`` without running anything;
+- cancel mark present, or a ``cancelled`` marker: answer ``"error": "cancelled"`` without
+  running anything;
 - ``done``: answer the first run's envelope again (a duplicate delivery runs nothing);
 - ``collected``: answer ``"error": "duplicate"`` (the client has the result already);
 - ``running`` with a live lease: another run is under way; wait for it and answer its envelope;
@@ -61,6 +69,7 @@ __all__ = [
     "run_guarded",
     "read_data_plane_key",
     "COLLECTED",
+    "CANCELLED",
 ]
 
 #: the task field that carries the signed guard
@@ -69,6 +78,8 @@ GUARD_FIELD = "guard"
 REDIS_PASSWORD_ENV = "HTCGRID_REDIS_PASSWORD"
 #: what the client writes on a task's run marker once it has collected the task's result
 COLLECTED = b'{"state": "collected"}'
+#: the run marker the client creates for a task it cancels before any worker took it
+CANCELLED = b'{"state": "cancelled"}'
 _CONTEXT = "guard"  # what a guard is signed for: a guard does not verify as any other blob
 _DEFAULT_LEASE_SEC = 30.0
 _DEFAULT_RETRIES = 5  # the grid's default retry_count: upstream's own fixed number
@@ -431,15 +442,11 @@ class _S3Marks:
             if attempt >= attempts:
                 return "exhausted", marker or {}
             new = {"state": "running", "owner": owner, "until": time.time() + lease, "attempt": attempt + 1}
-            if not self._put(run_key(tid), new, etag):
-                continue
-            # read the cancel mark again after the marker is written (S3 has no script to do both
-            # at once): a client marks first and reads the markers after, so either it sees this
-            # marker (and keeps the future running) or this read sees its mark
-            if self._get(cancel_key(tid))[0] is None:
+            # the conditional write decides against a client's cancel: the client creates the
+            # marker as "cancelled" unless this write made it first (then the call runs, and the
+            # client keeps its future); a write that loses reads the marker again
+            if self._put(run_key(tid), new, etag):
                 return "run", new
-            self._end(tid, owner, {"state": "cancelled"})
-            return "cancelled", {}
 
     def renew(self, tid: str, owner: str, lease: float) -> bool:
         marker, etag = self._get(run_key(tid))

@@ -34,7 +34,7 @@ from ..errors import (
     PayloadError,
 )
 from ..options import TaskOptions
-from ..worker_guard import COLLECTED, cancel_key, run_key
+from ..worker_guard import CANCELLED, COLLECTED, cancel_key, run_key
 from .arguments import check_id, check_id_list, check_submission, check_task_ids, encode_tasks, send_options
 from .auth import ApiKeyAuth, Auth, CognitoAuth
 from .config import ClientConfig
@@ -425,14 +425,20 @@ class AWSConnector(ResultPolling):
             self.store.put_many({cancel_key(tid): b"1" for tid in task_ids})
 
     def mark_cancelled_unless_started(self, task_ids: list[str]) -> set[str]:
-        """Mark tasks cancelled as :meth:`mark_cancelled` does, then read their run markers: the
-        ids returned had begun on a worker before the mark, and run to their end; the others
-        never run. Exact, because the handler writes its run marker before it reads the mark."""
+        """Cancel tasks that have not begun, exactly: the ids returned had begun on a worker and
+        run to their end; the others never run. For each task, one atomic step decides: the
+        client creates the task's run marker as ``cancelled`` unless a worker created it first
+        (``DataPlane.create_many``), and a worker runs a call only once it has created that
+        marker itself. (A cancel mark written next to the marker, read by the worker after it,
+        left a window on S3, which has no script to do both at once: both sides saw the other,
+        and a call kept running by the client never ran.) One batched write, then one read of
+        the markers another writer had made."""
         if not task_ids:
             return set()
-        self.mark_cancelled(task_ids)
-        markers = self.store.get_many([run_key(tid) for tid in task_ids])
-        return {tid for tid, marker in zip(task_ids, markers, strict=True)
+        created = self.store.create_many({run_key(tid): CANCELLED for tid in task_ids})
+        taken = [tid for tid in task_ids if run_key(tid) not in created]
+        markers = self.store.get_many([run_key(tid) for tid in taken]) if taken else []
+        return {tid for tid, marker in zip(taken, markers, strict=True)
                 if marker_state(marker) in ("running", "done")}
 
     def close(self) -> None:

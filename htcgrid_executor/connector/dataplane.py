@@ -64,6 +64,12 @@ class DataPlane:
         a lifecycle rule of the bucket removes them."""
         raise NotImplementedError
 
+    def create_many(self, items: Mapping[str, bytes]) -> set[str]:
+        """Write each ``key -> value`` whose key does not exist yet, each key as one atomic step
+        (Redis ``SET NX``, S3 ``If-None-Match: *``): the keys written. A key another writer
+        created first keeps its value. Raises as :meth:`put_many`."""
+        raise NotImplementedError
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """Read ``keys``; the result is parallel to ``keys``, None for a key that does not exist."""
         raise NotImplementedError
@@ -182,6 +188,17 @@ class RedisStore(DataPlane):
                 self._put_in_pieces(key, value, expire_sec)
         logger.debug("redis %s: wrote %d keys", self._where, len(items))
 
+    def create_many(self, items: Mapping[str, bytes]) -> set[str]:
+        if not items:
+            return set()
+        keys = list(items)
+        with _redis_errors(f"create {len(keys)} keys"):
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, items[key], nx=True)
+            written = pipe.execute()
+        return {key for key, ok in zip(keys, written, strict=True) if ok}
+
     def _put_in_pieces(self, key: str, value: bytes, expire_sec: float | None) -> None:
         view = memoryview(value)
         ttl = {} if expire_sec is None else {"px": max(1, int(expire_sec * 1000))}
@@ -299,6 +316,20 @@ class S3Store(DataPlane):
             extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id}
         self._client.put_object(Bucket=self.bucket, Key=key, Body=value, **extra)
 
+    def _create_one(self, item: tuple[str, bytes]) -> bool:
+        key, value = item
+        extra: dict[str, Any] = {}
+        if self._kms_key_id:
+            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=value, IfNoneMatch="*", **extra)
+        except Exception as exc:
+            # 412: the key exists; 409: another conditional write of it is under way (it wins)
+            if boto_error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
     def _get_one(self, key: str) -> bytes | None:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
@@ -320,6 +351,14 @@ class S3Store(DataPlane):
         with _s3_errors(f"write {len(items)} keys to bucket {self.bucket!r}"):
             self._map(self._put_one, list(items.items()))  # no expiry per object on S3
         logger.debug("s3 %s: wrote %d keys", self.bucket, len(items))
+
+    def create_many(self, items: Mapping[str, bytes]) -> set[str]:
+        if not items:
+            return set()
+        pairs = list(items.items())
+        with _s3_errors(f"create {len(pairs)} keys in bucket {self.bucket!r}"):
+            written = self._map(self._create_one, pairs)
+        return {key for (key, _), ok in zip(pairs, written, strict=True) if ok}
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = list(keys)
@@ -373,6 +412,11 @@ class LayeredStore(DataPlane):
         # a reader cannot find through the fallback.
         self.backing.put_many(items, expire_sec=expire_sec)
         self.cache.put_many(items, expire_sec=expire_sec)
+
+    def create_many(self, items: Mapping[str, bytes]) -> set[str]:
+        """In the cache alone: a key created in two stores could be won by different writers in
+        each. (The deployment guard keeps its run markers in Redis where there is one.)"""
+        return self.cache.create_many(items)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = list(keys)

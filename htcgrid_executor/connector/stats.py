@@ -34,6 +34,13 @@ class CountedStore(DataPlane):
             self.bytes_sent += size
         self.inner.put_many(items, expire_sec=expire_sec)
 
+    def create_many(self, items: Mapping[str, bytes]) -> set[str]:
+        size = sum(len(value) for value in items.values())
+        with self._lock:
+            self.calls += 1
+            self.bytes_sent += size
+        return self.inner.create_many(items)
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         with self._lock:
             self.calls += 1

@@ -30,6 +30,12 @@ def exercise(store: Any) -> None:
     assert store.get_many([]) == []
     store.put_many({})
     store.delete_many([])
+    # create_many: only keys nobody wrote yet, each decided once; the others keep their value
+    assert store.create_many({"key-2": b"new", "fresh-a": b"a", "fresh-b": b"b"}) == {"fresh-a", "fresh-b"}
+    assert store.get_many(["key-2", "fresh-a", "fresh-b"]) == [items["key-2"], b"a", b"b"]
+    assert store.create_many({"fresh-a": b"again"}) == set()
+    assert store.get_many(["fresh-a"]) == [b"a"]
+    assert store.create_many({}) == set()
 
 
 @pytest.fixture
