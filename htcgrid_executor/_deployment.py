@@ -47,9 +47,10 @@ class _DeploymentTraits:
 
     def cancel_unless_started(self, connector: GridConnector) -> Callable[[list[str]], tuple[set[str], set[str]]] | None:
         """How this grid cancels sent tasks that no worker has begun, answering ``(started,
-        ended)`` of the others: the local grid's atomic cancel of pending tasks; a deployment's
-        cancel marks, which the guard's run markers make exact (a begun task counts as started,
-        its end reported later). None without the guard: a deployment cannot."""
+        ended)`` of the others: the local grid's atomic cancel of pending tasks; on a deployment,
+        the guard's run markers, created as cancelled unless a worker created them first (exact:
+        a begun task counts as started, its end reported later). None without the guard: a
+        deployment cannot."""
         if not self.deployment:
             return connector.cancel_tasks_unless_started
         if self.guard is None:
