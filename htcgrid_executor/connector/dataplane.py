@@ -309,20 +309,17 @@ class S3Store(DataPlane):
                                        f"{left:.1f} s left of the caller's budget")
         return [future.result() for future in futures]
 
+    def _put_object(self, key: str, value: bytes, **condition: str) -> None:
+        encryption = ({"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id}
+                      if self._kms_key_id else {})
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=value, **condition, **encryption)
+
     def _put_one(self, item: tuple[str, bytes]) -> None:
-        key, value = item
-        extra: dict[str, Any] = {}
-        if self._kms_key_id:
-            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id}
-        self._client.put_object(Bucket=self.bucket, Key=key, Body=value, **extra)
+        self._put_object(*item)
 
     def _create_one(self, item: tuple[str, bytes]) -> bool:
-        key, value = item
-        extra: dict[str, Any] = {}
-        if self._kms_key_id:
-            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._kms_key_id}
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=value, IfNoneMatch="*", **extra)
+            self._put_object(*item, IfNoneMatch="*")
         except Exception as exc:
             # 412: the key exists; 409: another conditional write of it is under way (it wins)
             if boto_error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):

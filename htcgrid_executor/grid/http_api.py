@@ -51,10 +51,10 @@ __all__ = ["ControlPlaneServer", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_CO
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-#: (second, its Date header), shared by the handler threads (replaced whole: no lock needed)
-_date_header: tuple[int, str] = (0, "")
 MAX_CONNECTIONS = 64  # connections served at once; more get a 503
 CONNECTION_TIMEOUT_SEC = 30.0  # a silent connection is closed after this long
+#: (second, its Date header), shared by the handler threads (replaced whole: no lock needed)
+_date_header: tuple[int, str] = (0, "")
 
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
