@@ -20,6 +20,10 @@ small JSON header, the header (the task or envelope, each signed pickle replaced
 length), then the pickles' bytes. No JSON string of a pickle, no base64: a 200 MB argument is
 200 MB in Redis. The magic's first byte is not base64, so a raw value is never taken for the
 JSON format, which a deployment keeps seeing exactly as above.
+
+The embedded grid also takes a small session's data-plane values in the body of its
+``POST /submit`` (:func:`encode_inline_submission`) and writes them to the same keys, in the
+script that creates the session: the client's own write, one round trip, goes away.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ __all__ = [
     "encode_submission",
     "decode_submission",
     "build_submission",
+    "INLINE_SUBMIT_BYTES",
+    "encode_inline_submission",
+    "decode_inline_submission",
     "encode_query",
     "decode_query",
     "empty_result_body",
@@ -367,6 +374,44 @@ def decode_submission(data: bytes | str) -> Any:
         return json.loads(base64.urlsafe_b64decode(data))
     except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise PayloadError(f"submission payload is not urlsafe base64 JSON: {exc}") from exc
+
+
+#: a session whose payload and inputs take at most this many bytes goes inline, in the body of its
+#: ``POST /submit``, to the embedded grid (whose routes take bodies up to twice this)
+INLINE_SUBMIT_BYTES = 512 * 1024
+_INLINE_MAGIC = b"htcgrid-inline-1\n"
+
+
+def encode_inline_submission(payload: bytes, inputs: list[bytes]) -> bytes:
+    """The body of an inline ``POST /submit`` (an extension of the embedded grid): the session's
+    ``<sid>-payload`` value and its tasks' ``<sid>_<i>-input`` values in task order, as
+    ``htcgrid-inline-1\n``, their lengths (decimal, comma-separated), ``\n``, then the values.
+    Only values travel: the grid derives every key from the session id, so a body cannot name
+    another session's keys."""
+    lengths = ",".join([str(len(payload)), *(str(len(value)) for value in inputs)]).encode()
+    return b"".join([_INLINE_MAGIC, lengths, b"\n", payload, *inputs])
+
+
+def decode_inline_submission(body: bytes) -> tuple[bytes, list[bytes]]:
+    """``(payload, inputs)`` of an :func:`encode_inline_submission` body. Raises PayloadError
+    naming what is wrong when the body is not one (bad magic, lengths, or sizes that do not add
+    up to the body's)."""
+    if not body.startswith(_INLINE_MAGIC):
+        raise PayloadError("the body is not an inline submission (it must start with 'htcgrid-inline-1')")
+    end = body.find(b"\n", len(_INLINE_MAGIC))
+    fields = body[len(_INLINE_MAGIC):end].split(b",") if end >= 0 else []
+    if not fields or not all(field.isdigit() and len(field) <= 12 for field in fields):
+        raise PayloadError("an inline submission needs a line of value lengths (decimal, comma-separated)")
+    lengths = [int(field) for field in fields]
+    start = end + 1
+    if sum(lengths) != len(body) - start:
+        raise PayloadError(f"the inline submission's lengths add up to {sum(lengths)} bytes, "
+                           f"its values take {len(body) - start}")
+    view, values = memoryview(body), []
+    for length in lengths:
+        values.append(bytes(view[start:start + length]))
+        start += length
+    return values[0], values[1:]
 
 
 def encode_query(obj: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@
 
     send(tasks) ──▶ data plane: <task_id>-input …, <sid>-payload   (one batched write)
                 └─▶ POST /submit?submission_content=<sid>          (retried with the same sid)
+       (embedded grid, small session: POST /submit with the values as its body, no write)
     get_results / poll_session / poll_listener
                 ──▶ GET /result?submission_content=b64({"session_id": sid})[&after&wait_ms&listener]
                 └─▶ data plane: <task_id>-output …                  (one batched read per answer)
@@ -240,7 +241,9 @@ class AWSConnector(ResultPolling):
         BadRequestError, a task that is not JSON raises PayloadError. A task of ``codec.make_task`` is
         sealed for its task id (``codec.seal_task``) with the grid secret. Then the inputs and the
         submission payload go to the data plane in one batched write, and ``POST /submit`` is sent
-        (retried on connection errors and 5xx). ``session_id`` given: that id is reused, so a
+        (retried on connection errors and 5xx); to the embedded local grid, a session of at most
+        ``wire.INLINE_SUBMIT_BYTES`` goes in the body of ``POST /submit`` instead, and the grid
+        writes the same keys. ``session_id`` given: that id is reused, so a
         submit repeated after an error never runs the work twice (the grid answers a repeated
         submit of a known session with the same answer). ``listener``: subscribe the session to
         that listener's stream (see :meth:`poll_listener`). ``task_timeout_sec``/``retry_count``
@@ -253,17 +256,25 @@ class AWSConnector(ResultPolling):
         sid = wire.new_session_id() if session_id is None else check_id(session_id, "session_id")
         if listener is not None:
             check_id(listener, "listener")
-        task_ids, encoded = encode_tasks(tasks_list, sid, self.payload_signing_key,
-                                         raw="htcgrid_redis_control_url" in self.client_config)
+        embedded = "htcgrid_redis_control_url" in self.client_config  # the embedded local grid
+        task_ids, encoded = encode_tasks(tasks_list, sid, self.payload_signing_key, raw=embedded)
         submission = wire.build_submission(
             sid, task_ids, priority=priority,
             extra_context={"listener": listener} if listener else None, **extra,
         )
+        payload = wire.encode_submission(submission)
+        params = {"submission_content": sid}
+        if embedded and len(payload) + sum(map(len, encoded)) <= wire.INLINE_SUBMIT_BYTES:
+            # a small session goes whole in the request: the grid writes its keys as it creates it
+            # (and writes nothing when it refuses it), one round trip instead of two
+            body = wire.encode_inline_submission(payload, encoded)
+            answer = transport.request("POST", "/submit", params, retry=True, body=body)
+            return self._submitted(answer, sid, task_ids)
         items = {wire.input_key(tid): data for tid, data in zip(task_ids, encoded, strict=True)}
-        items[wire.payload_key(sid)] = wire.encode_submission(submission)
+        items[wire.payload_key(sid)] = payload
         store.put_many(items)
         try:
-            answer = transport.request("POST", "/submit", {"submission_content": sid}, retry=True)
+            answer = transport.request("POST", "/submit", params, retry=True)
         except BadRequestError:
             # The grid rejected a session made here as malformed: nothing will ever read these
             # keys. Not after a 5xx or no answer (the grid may have accepted it, and a retry needs
@@ -271,7 +282,12 @@ class AWSConnector(ResultPolling):
             if session_id is None:
                 self._forget_keys(store, list(items))
             raise
-        answered_ids = self._submitted_ids(answer, sid, task_ids)
+        return self._submitted(answer, sid, task_ids)
+
+    @classmethod
+    def _submitted(cls, answer: Any, sid: str, task_ids: list[str]) -> dict[str, Any]:
+        """What :meth:`send` returns for the grid's ``answer`` to ``POST /submit``."""
+        answered_ids = cls._submitted_ids(answer, sid, task_ids)
         logger.debug("session %s: submitted %d tasks", sid, len(task_ids))
         return {"session_id": sid, "task_ids": answered_ids}
 

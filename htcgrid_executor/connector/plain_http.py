@@ -182,16 +182,17 @@ class PlainHTTPPool:
         self._closed = False
 
     def request(self, method: str, target: str, headers: dict[str, str], *, connect_timeout: float,
-                read_timeout: float) -> Answer:
-        """One request with no body; raises as the module docstring says."""
+                read_timeout: float, body: bytes = b"") -> Answer:
+        """One request (``body``: its bytes, sent with their Content-Length); raises as the module
+        docstring says."""
         lines = [f"{method} {target} HTTP/1.1\r\n", self._host_line,
-                 "Accept-Encoding: identity\r\nContent-Length: 0\r\n"]
+                 f"Accept-Encoding: identity\r\nContent-Length: {len(body)}\r\n"]
         for name, value in headers.items():
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise ValueError(f"header {name!r}: a line break in a header")
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
-        request = "".join(lines).encode("latin-1")
+        request = "".join(lines).encode("latin-1") + body
         conn = self._take(connect_timeout)
         try:
             conn.sock.settimeout(read_timeout)

@@ -301,12 +301,14 @@ class HTTPTransport:
         *,
         retry: bool,
         extra_read_timeout_sec: float = 0.0,
+        body: bytes = b"",
     ) -> Any:
         """Send one call and return its decoded JSON answer. Blocks for the call, its retries and
         their backoff (bounded: ``max_attempts`` tries, each with its timeouts, and never past the
         caller's budget, :func:`~htcgrid_executor.backoff.spend_until`).
 
-        ``retry``: the call is safe to repeat (see the module docstring). Raises
+        ``retry``: the call is safe to repeat (see the module docstring). ``body``: the request's
+        body (sent again by each retry). Raises
         :class:`ConnectorClosedError` once closed, and the errors listed in the module docstring.
         """
         if self._state is TransportState.CLOSED:
@@ -314,7 +316,7 @@ class HTTPTransport:
         query = urlencode(params)
         url = f"{self.base_url}{route}?{query}"
         read_timeout = self.read_timeout_sec + max(0.0, extra_read_timeout_sec)
-        sent = len(method) + len(route) + len(query) + 12  # the request line "<method> <route>?<query> HTTP/1.1"
+        sent = len(method) + len(route) + len(query) + 12 + len(body)  # "<method> <route>?<query> HTTP/1.1", body
         with self._counts_lock:
             self._requests[route] = self._requests.get(route, 0) + 1
         backoff = Backoff(self.backoff_sec, max(self.backoff_sec, self.max_backoff_sec), jitter=True,
@@ -329,7 +331,7 @@ class HTTPTransport:
                 raise GridUnavailableError(f"{method} {route}: not sent to {self.base_url}: the caller's "
                                            "deadline has passed")
             try:
-                return self._attempt(method, route, url, timeout, sent)
+                return self._attempt(method, route, url, timeout, sent, body)
             except _Rejected as rejected:
                 if renewed or not self.auth.on_rejected():
                     raise rejected.error from None
@@ -350,7 +352,8 @@ class HTTPTransport:
             connect, read_timeout = min(connect, left), min(read_timeout, left)
         return urllib3.Timeout(connect=connect, read=read_timeout)
 
-    def _attempt(self, method: str, route: str, url: str, timeout: urllib3.Timeout, sent: int) -> Any:
+    def _attempt(self, method: str, route: str, url: str, timeout: urllib3.Timeout, sent: int,
+                 body: bytes) -> Any:
         """One round trip: its answer's JSON, or the exception that says what went wrong."""
         headers = self.auth.headers()  # raises AuthenticationError before authenticate()
         started = time.monotonic()
@@ -362,14 +365,15 @@ class HTTPTransport:
             if self._plain is not None:
                 answer = self._plain.request(method, url[self._origin_len:], headers,
                                              connect_timeout=timeout.connect_timeout,
-                                             read_timeout=timeout.read_timeout)
+                                             read_timeout=timeout.read_timeout, body=body)
                 status, data, reason = answer.status, answer.body, answer.reason
             else:
                 if self._host_pool is not None:  # the same request, without the manager's look-up
                     response = self._host_pool.urlopen(method, url[self._origin_len:], headers=headers,
-                                                       timeout=timeout)
+                                                       timeout=timeout, body=body or None)
                 else:
-                    response = self._pool.request(method, url, headers=headers, timeout=timeout)
+                    response = self._pool.request(method, url, headers=headers, timeout=timeout,
+                                                  body=body or None)
                 status, data, reason = response.status, response.data, response.reason or ""
         with self._counts_lock:
             self._bytes_received += len(data)

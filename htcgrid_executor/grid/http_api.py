@@ -6,7 +6,8 @@ deployment ignores (see docs/architecture.md): ``after``/``wait_ms``/``listener`
 for cursors and long polls, ``processing``/``failed_reason``/``cursor`` in its answer,
 ``counts=1`` on ``/result`` for a session's counts per state (``counts`` in the answer),
 ``inline_outputs=<bytes>`` on ``/result`` for the finished tasks' outputs in the answer, within
-that budget (``inline_outputs`` in the answer), ``task_ids_to_cancel`` on ``/cancel``.
+that budget (``inline_outputs`` in the answer), ``task_ids_to_cancel`` on ``/cancel``, and a
+body on ``/submit`` that holds the session's payload and inputs (``wire.encode_inline_submission``).
 
 Every request needs the grid's key in ``x-api-key`` or ``Authorization`` (401 without, 403 when
 wrong), checked before any body byte is read. Malformed requests get a 4xx with
@@ -50,7 +51,7 @@ __all__ = ["ControlPlaneServer", "MAX_TASKS_PER_SESSION", "MAX_WAIT_MS", "MAX_CO
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = 1 << 20  # twice wire.INLINE_SUBMIT_BYTES: an inline submission and room to spare
 MAX_CONNECTIONS = 64  # connections served at once; more get a 503
 CONNECTION_TIMEOUT_SEC = 30.0  # a silent connection is closed after this long
 #: (second, its Date header), shared by the handler threads (replaced whole: no lock needed)
@@ -207,13 +208,19 @@ class _Handler(BaseHTTPRequestHandler):
             path = url.path
             route = _route(method, url.path)
             self._authenticate()
+            data = b""
             if unread:
-                if not self._skip_body(unread):
+                # /submit takes an inline submission; the other routes' bodies are dropped
+                data = self._read_body(unread)
+                if data is None:
                     return
                 unread = 0
             content, params = _content_and_params(url.query)
-            body = getattr(self.server.routes, route)(content, params)
-            self._answer(200, body)
+            if route == "submit":
+                answer = self.server.routes.submit(content, params, data)
+            else:
+                answer = getattr(self.server.routes, route)(content, params)
+            self._answer(200, answer)
         except Reject as exc:
             if unread:
                 self.close_connection = True
@@ -224,15 +231,17 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("control plane: internal error in %s %s", method, path)
             self._answer(500, {"error": "internal error"})
 
-    def _skip_body(self, size: int) -> bool:
-        """Read and drop a body (the routes take none; at most MAX_BODY_BYTES). False when the
-        connection failed meanwhile: nobody is left to answer."""
+    def _read_body(self, size: int) -> bytes | None:
+        """The body (``size`` bytes, at most MAX_BODY_BYTES); None when the connection failed or
+        ended meanwhile: nobody is left to answer."""
         try:
-            self.rfile.read(size)
+            data = self.rfile.read(size)
         except OSError:  # timed out or reset
+            data = b""
+        if len(data) != size:
             self.close_connection = True
-            return False
-        return True
+            return None
+        return data
 
     def _answer_redis_error(self, exc: redis.exceptions.RedisError, method: str, path: str) -> None:
         refusal = redis_refusal(exc)
@@ -260,7 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
         refused (and the connection closed: its bytes are never read)."""
         if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
-            raise Reject(411, "the routes take no body: send no Transfer-Encoding")
+            raise Reject(411, "a body needs a Content-Length: send no Transfer-Encoding")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             return 0
@@ -270,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
         size = int(lengths[0])
         if size > MAX_BODY_BYTES:
             self.close_connection = True
-            raise Reject(413, "request body too large (the routes take no body)")
+            raise Reject(413, f"request body too large (at most {MAX_BODY_BYTES} bytes: an inline submission)")
         return size
 
     def _answer(self, status: int, body: dict[str, Any]) -> None:

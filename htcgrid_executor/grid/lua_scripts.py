@@ -121,6 +121,14 @@ if redis.call('EXISTS', skey) == 0 then
     'timeout_ms', ARGV[6], 'listener', ARGV[7], 'submitted_ms', now_ms(), 'created', 0, PROCESSING, 0,
     FINISHED, 0, FAILED, 0, CANCELLED, 0)
   fresh = 1
+  -- an inline submission (ARGV[9]: the payload, then the inputs in task order) is written with
+  -- the session's creation, before any of its tasks is queued, and never over a session's own
+  if #ARGV > 8 then
+    redis.call('SET', payload_key(sid), ARGV[9])
+    for i = 10, #ARGV do
+      redis.call('SET', input_key(sid .. '_' .. (i - 10)), ARGV[i])
+    end
+  end
 end
 local v = redis.call('HMGET', skey, 'count', 'created', 'priority')
 local count = tonumber(v[1])

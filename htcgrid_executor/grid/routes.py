@@ -14,6 +14,7 @@ from ..errors import PayloadError
 from ..states import TaskState
 from ..wire import (
     OUTPUT_PLACEHOLDER,
+    decode_inline_submission,
     decode_query,
     decode_submission,
     empty_result_body,
@@ -127,22 +128,38 @@ class Routes:
                 for listener, cursor in read.items():  # unless its client has read further since
                     self._read_up_to.setdefault(listener, cursor)
 
-    # POST /submit?submission_content=<session id>
-    def submit(self, content: str, params: dict[str, list[str]]) -> dict[str, Any]:
+    # POST /submit?submission_content=<session id>, with an inline body or none
+    def submit(self, content: str, params: dict[str, list[str]], body: bytes = b"") -> dict[str, Any]:
+        """Create the session whose payload the client wrote to the data plane; or, given a
+        body (:func:`~htcgrid_executor.wire.encode_inline_submission`), whose payload and inputs
+        the body holds: they are checked first, then written to their data-plane keys by the
+        script that creates the session (not again for a session that exists: a repeat never
+        rewrites the inputs of a session accepted earlier)."""
         sid = content
         if not is_valid_session_id(sid):
             raise Reject(400, "submission_content must be a session id (letters, digits and '-')")
-        submission, count = self._submission(sid)
+        inline: tuple[bytes, list[bytes]] | None = None
+        if body:
+            try:
+                inline = decode_inline_submission(body)
+            except PayloadError as exc:
+                raise Reject(400, str(exc)) from None
+            raw = inline[0]
+        else:
+            raw = self.table.read_submission(sid)
+            if raw is None:
+                raise Reject(400, f"no submission payload {payload_key(sid)} in the data plane")
+        submission, count = self._submission(sid, raw)
+        if inline is not None and len(inline[1]) != count:
+            raise Reject(400, f"the inline submission holds {len(inline[1])} task inputs for {count} tasks")
         timeout, retries, priority, listener = self._scheduling(submission)
         self.table.submit(sid, count, priority=priority, max_retries=min(retries, self.retry_limit),
-                          timeout_ms=int(timeout * 1000), listener=listener)
+                          timeout_ms=int(timeout * 1000), listener=listener, inline=inline)
         return {"session_id": sid, "task_ids": task_ids_for(sid, count)}
 
-    def _submission(self, sid: str) -> tuple[dict[str, Any], int]:
-        """The session's submission object from the data plane, checked, and its task count."""
-        raw = self.table.read_submission(sid)
-        if raw is None:
-            raise Reject(400, f"no submission payload {payload_key(sid)} in the data plane")
+    @staticmethod
+    def _submission(sid: str, raw: bytes) -> tuple[dict[str, Any], int]:
+        """The session's submission object (``raw``: its payload value), checked, and its task count."""
         try:
             submission = decode_submission(raw)
         except PayloadError as exc:

@@ -31,6 +31,7 @@ state table never grows without bound.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +167,13 @@ class StateTable:
 
     # -- submit -------------------------------------------------------------------------------
     def submit(self, session_id: str, count: int, *, priority: int = 0, max_retries: int = 5,
-               timeout_ms: int = 0, listener: str = "") -> bool:
+               timeout_ms: int = 0, listener: str = "",
+               inline: tuple[bytes, Sequence[bytes]] | None = None) -> bool:
         """Create a session of ``count`` pending tasks ``<sid>_<i>`` and queue them.
+
+        ``inline``: the session's payload and its ``count`` inputs, written to their data-plane
+        keys by the script that creates the session (so that no agent claims a task before its
+        input is there); not written when the session exists already.
 
         The tasks are created :data:`SUBMIT_CHUNK` at a time, one short script each, so that
         agents go on heart-beating and claiming meanwhile (they may start the first tasks before
@@ -177,9 +183,11 @@ class StateTable:
         session's own count and settings. Raises redis errors (see :func:`redis_refusal`).
         """
         fresh = None
+        values = [] if inline is None else [inline[0], *inline[1]]
         while True:
             created, left = self._run("submit", session_id, count, priority, max_retries, timeout_ms,
-                                      listener, SUBMIT_CHUNK)
+                                      listener, SUBMIT_CHUNK, *values)
+            values = []  # the first script wrote them, or found the session made by an earlier try
             if fresh is None:
                 fresh = bool(created)
             if not left:

@@ -266,9 +266,10 @@ def test_stats_count_what_the_connector_and_the_agents_did(grid: LocalGrid) -> N
         assert stats["long_polls"] == stats["polls"]  # get_results waits on the grid, never spins
         assert stats["http_requests"] == sum(routes.values()) == stats["http_round_trips"]
         assert stats["retries"] == 0
-        assert stats["dataplane_calls"] == 2  # one batched write of the inputs, one read of the outputs
+        # the inputs went in the body of /submit (a small session); one read of the outputs
+        assert stats["dataplane_calls"] == 1
         assert stats["round_trips"] == stats["http_round_trips"] + stats["dataplane_calls"]
-        assert stats["dataplane_bytes_sent"] > 10 and stats["dataplane_bytes_received"] > 10
+        assert stats["dataplane_bytes_sent"] == 0 and stats["dataplane_bytes_received"] > 10
         assert stats["bytes_sent"] > 0 and stats["bytes_received"] > 0
 
     # a control plane nobody answers at: every attempt is a round trip, every repeat a retry
@@ -290,3 +291,18 @@ def test_stats_count_what_the_connector_and_the_agents_did(grid: LocalGrid) -> N
         time.sleep(0.1)
     for counters in grid.agent_stats().values():
         assert counters["heartbeats"] >= 1 and counters["claims"] <= counters["tasks_claimed"]
+
+
+def test_a_small_session_goes_in_its_submit_and_a_big_one_through_the_data_plane() -> None:
+    """Each runs alike and leaves its data under the same keys; only the big one costs the
+    client a data-plane write (a body that big would hold the control plane's memory)."""
+    big_value = "x" * wire.INLINE_SUBMIT_BYTES
+    with LocalGrid(workers=1, handler="handlers:identity") as grid, AWSConnector(grid.client_config) as conn:
+        for tasks, writes in (([{"n": 1}, {"n": 2}], 0), ([{"n": big_value}], 1)):
+            before = conn.stats()["dataplane_calls"]
+            answer = conn.send(tasks)
+            assert conn.stats()["dataplane_calls"] - before == writes
+            assert grid.redis.exists(wire.payload_key(answer["session_id"]),
+                                     *map(wire.input_key, answer["task_ids"])) == len(tasks) + 1
+            result = conn.get_results(answer, timeout_sec=60)
+            assert [json.loads(text) for text in result["finished_OUTPUT"]] == tasks

@@ -593,18 +593,20 @@ def test_progress_over_futures_and_over_a_map(grid_executor, capsys):
     assert "20/20" in err and "30/30" in err
 
 
-def test_a_call_costs_two_data_plane_calls_as_its_output_comes_in_the_grids_answer(grid):
-    """The grid inlines small outputs in its /result answer: a call writes its input and deletes
-    its data, and reads nothing; an output past the answer's budget is read from the data plane."""
+def test_a_call_costs_one_data_plane_call_as_its_input_and_output_travel_with_the_routes(grid):
+    """A small call's input goes in the body of /submit and its output comes in the /result
+    answer: a call only deletes its data; an output past the answer's budget is read from the
+    data plane."""
     with HTCGridExecutor(config=grid.client_config) as executor:
         stats = executor._connector.stats
-        start = stats()["dataplane_calls"]  # what connecting took
+        start, sent = stats()["dataplane_calls"], stats()["dataplane_bytes_sent"]  # what connecting took
         for i in range(5):
             assert executor.submit(pow, i, 2).result(timeout=30) == i * i
-        # each call's read comes before its result; a session's data is deleted after it (the
-        # deletes of several sessions may share a call)
-        wait_until(lambda: stats()["dataplane_calls"] > start + 5)
-        assert stats()["dataplane_calls"] <= start + 2 * 5 and stats()["dataplane_bytes_received"] == 0
+        # a session's data is deleted after its result (the deletes of several sessions may
+        # share a call)
+        wait_until(lambda: stats()["dataplane_calls"] > start)
+        assert stats()["dataplane_calls"] <= start + 5 and stats()["dataplane_bytes_received"] == 0
+        assert stats()["dataplane_bytes_sent"] == sent
 
         assert executor.submit(bytes, 2 << 20).result(timeout=30) == bytes(2 << 20)
         assert stats()["dataplane_bytes_received"] > 2 << 20

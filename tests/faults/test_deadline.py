@@ -21,7 +21,7 @@ import pytest
 from fault_proxy import FaultProxy
 from support import wait_for
 
-from htcgrid_executor import BrokenGridExecutor, HTCGridExecutor
+from htcgrid_executor import BrokenGridExecutor, HTCGridExecutor, wire
 from htcgrid_executor.grid.routes import MAX_INLINE_VALUE_BYTES
 
 B = 2.0  # broken_after_sec of these tests
@@ -99,7 +99,8 @@ def test_a_send_to_a_silent_redis_fails_by_the_deadline(proxied):
     _, redis, executor = proxied()
     fault_at = time.monotonic()
     redis.silence()  # the inputs' write is accepted and never answered (socket timeout: 30 s)
-    unsent = executor.submit(fault_tasks.square, 3)
+    # an input too big to go in the body of /submit: the sender writes it to the data plane
+    unsent = executor.submit(fault_tasks.identity, b"x" * (wire.INLINE_SUBMIT_BYTES + 1000))
     _assert_broken_by_the_deadline([unsent], fault_at)
     _assert_threads_end(executor, fault_at)
 

@@ -36,6 +36,7 @@ from htcgrid_executor import (
     PayloadError,
     SignatureError,
     StorageError,
+    wire,
 )
 from htcgrid_executor.codec import decode_output, make_task, pickle_args, pickle_function, task_binding
 from htcgrid_executor.grid.agent import AGENT_CONFIG_ENV
@@ -77,11 +78,16 @@ def test_redis_refuses_clients_without_the_password(make_grid, figures):
 def test_a_client_with_a_wrong_data_plane_password_gets_a_storage_error(make_grid, make_connector, figures):
     grid = make_grid(workers=1)
     url = f"redis://127.0.0.1:{grid.redis_server.port}/0"  # the config's URL carries the password
+    big = b"x" * (wire.INLINE_SUBMIT_BYTES + 1000)  # written to the data plane before /submit
     for password in ("wrong", ""):
         connector = make_connector(grid, redis_url=url, redis_password=password)
         with pytest.raises(StorageError, match="refused the credentials"):
-            connector.send([_executor_task(grid, fault_tasks.square, 2)])
-    figures["unauthorised_requests_refused"] += 2
+            connector.send([_executor_task(grid, fault_tasks.identity, big)])
+        # a small session goes in the body of /submit; its outputs' read is refused
+        small = connector.send([_executor_task(grid, fault_tasks.square, 2)])
+        with pytest.raises(StorageError, match="refused the credentials"):
+            connector.get_results(small, timeout_sec=30)
+    figures["unauthorised_requests_refused"] += 4
 
 
 def test_the_http_api_refuses_a_client_with_a_wrong_key(make_grid, make_connector, figures):
