@@ -66,6 +66,7 @@ __all__ = [
     "decode_submission",
     "build_submission",
     "INLINE_SUBMIT_BYTES",
+    "INLINE_SUBMIT_TASKS",
     "encode_inline_submission",
     "decode_inline_submission",
     "encode_query",
@@ -379,6 +380,9 @@ def decode_submission(data: bytes | str) -> Any:
 #: a session whose payload and inputs take at most this many bytes goes inline, in the body of its
 #: ``POST /submit``, to the embedded grid (whose routes take bodies up to twice this)
 INLINE_SUBMIT_BYTES = 512 * 1024
+#: and at most this many tasks: the grid writes the inputs in the script that creates the first
+#: tasks, which must stay short (as many as one submit script creates: state_table.SUBMIT_CHUNK)
+INLINE_SUBMIT_TASKS = 5000
 _INLINE_MAGIC = b"htcgrid-inline-1\n"
 
 

@@ -242,8 +242,8 @@ class AWSConnector(ResultPolling):
         sealed for its task id (``codec.seal_task``) with the grid secret. Then the inputs and the
         submission payload go to the data plane in one batched write, and ``POST /submit`` is sent
         (retried on connection errors and 5xx); to the embedded local grid, a session of at most
-        ``wire.INLINE_SUBMIT_BYTES`` goes in the body of ``POST /submit`` instead, and the grid
-        writes the same keys. ``session_id`` given: that id is reused, so a
+        ``wire.INLINE_SUBMIT_BYTES`` and ``wire.INLINE_SUBMIT_TASKS`` goes in the body of
+        ``POST /submit`` instead, and the grid writes the same keys. ``session_id`` given: that id is reused, so a
         submit repeated after an error never runs the work twice (the grid answers a repeated
         submit of a known session with the same answer). ``listener``: subscribe the session to
         that listener's stream (see :meth:`poll_listener`). ``task_timeout_sec``/``retry_count``
@@ -264,7 +264,8 @@ class AWSConnector(ResultPolling):
         )
         payload = wire.encode_submission(submission)
         params = {"submission_content": sid}
-        if embedded and len(payload) + sum(map(len, encoded)) <= wire.INLINE_SUBMIT_BYTES:
+        if (embedded and len(encoded) <= wire.INLINE_SUBMIT_TASKS
+                and len(payload) + sum(map(len, encoded)) <= wire.INLINE_SUBMIT_BYTES):
             # a small session goes whole in the request: the grid writes its keys as it creates it
             # (and writes nothing when it refuses it), one round trip instead of two
             body = wire.encode_inline_submission(payload, encoded)

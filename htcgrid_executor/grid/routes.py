@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import PayloadError
 from ..states import TaskState
 from ..wire import (
+    INLINE_SUBMIT_TASKS,
     OUTPUT_PLACEHOLDER,
     decode_inline_submission,
     decode_query,
@@ -152,6 +153,9 @@ class Routes:
         submission, count = self._submission(sid, raw)
         if inline is not None and len(inline[1]) != count:
             raise Reject(400, f"the inline submission holds {len(inline[1])} task inputs for {count} tasks")
+        if inline is not None and count > INLINE_SUBMIT_TASKS:
+            raise Reject(413, f"an inline submission holds at most {INLINE_SUBMIT_TASKS} tasks, not {count}: "
+                              "write a bigger session's inputs to the data plane")
         timeout, retries, priority, listener = self._scheduling(submission)
         self.table.submit(sid, count, priority=priority, max_retries=min(retries, self.retry_limit),
                           timeout_ms=int(timeout * 1000), listener=listener, inline=inline)

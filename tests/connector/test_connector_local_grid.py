@@ -294,11 +294,12 @@ def test_stats_count_what_the_connector_and_the_agents_did(grid: LocalGrid) -> N
 
 
 def test_a_small_session_goes_in_its_submit_and_a_big_one_through_the_data_plane() -> None:
-    """Each runs alike and leaves its data under the same keys; only the big one costs the
-    client a data-plane write (a body that big would hold the control plane's memory)."""
+    """Each runs alike and leaves its data under the same keys; only a big one (in bytes or in
+    tasks) costs the client a data-plane write."""
     big_value = "x" * wire.INLINE_SUBMIT_BYTES
+    many = [{"n": i} for i in range(wire.INLINE_SUBMIT_TASKS + 1)]
     with LocalGrid(workers=1, handler="handlers:identity") as grid, AWSConnector(grid.client_config) as conn:
-        for tasks, writes in (([{"n": 1}, {"n": 2}], 0), ([{"n": big_value}], 1)):
+        for tasks, writes in (([{"n": 1}, {"n": 2}], 0), ([{"n": big_value}], 1), (many, 1)):
             before = conn.stats()["dataplane_calls"]
             answer = conn.send(tasks)
             assert conn.stats()["dataplane_calls"] - before == writes

@@ -90,3 +90,14 @@ def test_any_other_body_is_refused_as_not_an_inline_submission(body):
     except PayloadError:
         return
     assert wire.encode_inline_submission(payload, inputs) == body  # only a well-formed body decodes
+
+
+def test_an_inline_session_of_too_many_tasks_gets_a_413_and_writes_nothing(grid):
+    # the inputs are written by one script, which must stay short: a bigger session's inputs go
+    # through the data plane (as the connector sends them)
+    count = wire.INLINE_SUBMIT_TASKS + 1
+    sid, payload, inputs = _session([{"value": i} for i in range(count)])
+    answer = _post(grid, sid, wire.encode_inline_submission(payload, inputs))
+    assert answer.status_code == 413 and f"at most {wire.INLINE_SUBMIT_TASKS} tasks" in answer.json()["error"]
+    assert grid.table.session_info(sid) is None
+    assert grid.redis.exists(wire.payload_key(sid), wire.input_key(f"{sid}_0")) == 0
