@@ -384,6 +384,7 @@ INLINE_SUBMIT_BYTES = 512 * 1024
 #: tasks, which must stay short (as many as one submit script creates: state_table.SUBMIT_CHUNK)
 INLINE_SUBMIT_TASKS = 5000
 _INLINE_MAGIC = b"htcgrid-inline-1\n"
+_INLINE_LENGTH = re.compile(rb"0|[1-9][0-9]{0,11}")  # one way to write each length: one body per values
 
 
 def encode_inline_submission(payload: bytes, inputs: list[bytes]) -> bytes:
@@ -404,8 +405,9 @@ def decode_inline_submission(body: bytes) -> tuple[bytes, list[bytes]]:
         raise PayloadError("the body is not an inline submission (it must start with 'htcgrid-inline-1')")
     end = body.find(b"\n", len(_INLINE_MAGIC))
     fields = body[len(_INLINE_MAGIC):end].split(b",") if end >= 0 else []
-    if not fields or not all(field.isdigit() and len(field) <= 12 for field in fields):
-        raise PayloadError("an inline submission needs a line of value lengths (decimal, comma-separated)")
+    if not fields or not all(_INLINE_LENGTH.fullmatch(field) for field in fields):
+        raise PayloadError("an inline submission needs a line of value lengths (decimal without "
+                           "leading zeros, comma-separated)")
     lengths = [int(field) for field in fields]
     start = end + 1
     if sum(lengths) != len(body) - start:

@@ -83,7 +83,11 @@ def test_an_inline_body_gives_back_the_values_it_was_made_of(payload, inputs):
     assert wire.decode_inline_submission(wire.encode_inline_submission(payload, inputs)) == (payload, inputs)
 
 
-@given(st.binary(max_size=80))
+@given(st.one_of(st.binary(max_size=40),
+                 st.binary(max_size=40).map(lambda rest: b"htcgrid-inline-1\n" + rest),
+                 st.lists(st.sampled_from([b"0", b"1", b"2", b"00", b"01", b"x", b"", b"-1"]), min_size=1, max_size=4)
+                 .flatmap(lambda fields: st.binary(max_size=6).map(
+                     lambda rest: b"htcgrid-inline-1\n" + b",".join(fields) + b"\n" + rest))))
 def test_any_other_body_is_refused_as_not_an_inline_submission(body):
     try:
         payload, inputs = wire.decode_inline_submission(body)
