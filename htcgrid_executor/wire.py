@@ -413,9 +413,9 @@ def decode_inline_submission(body: bytes) -> tuple[bytes, list[bytes]]:
     if sum(lengths) != len(body) - start:
         raise PayloadError(f"the inline submission's lengths add up to {sum(lengths)} bytes, "
                            f"its values take {len(body) - start}")
-    view, values = memoryview(body), []
+    values = []
     for length in lengths:
-        values.append(bytes(view[start:start + length]))
+        values.append(body[start:start + length])
         start += length
     return values[0], values[1:]
 

@@ -50,31 +50,27 @@ def test_a_repeated_inline_submit_never_rewrites_a_sessions_inputs(grid):
     assert client.outputs(sid, client.result(sid)) == {f"{sid}_0": {"ok": "first"}}
 
 
-def _bad_bodies() -> list[tuple[str, str]]:
-    sid, payload, inputs = _session([{"value": 1}, {"value": 2}])
-    good = wire.encode_inline_submission(payload, inputs)
-    _, other_payload, _ = _session([{"value": 1}, {"value": 2}])
-    return [
-        ("not inline at all", "inline submission"),
-        (good.replace(b"htcgrid-inline-1", b"htcgrid-inline-9"), "inline submission"),
-        (good[:-1], "add up"),
-        (good + b"x", "add up"),
-        (b"htcgrid-inline-1\n12,x\n" + good, "lengths"),
-        (b"htcgrid-inline-1\n\n", "lengths"),
-        (wire.encode_inline_submission(payload, inputs[:1]), "1 task inputs for 2 tasks"),
-        (wire.encode_inline_submission(other_payload, inputs), "does not match"),
-        (wire.encode_inline_submission(b"%%% not base64", inputs), "base64"),
-    ], sid
+_SID, _PAYLOAD, _INPUTS = _session([{"value": 1}, {"value": 2}])
+_GOOD = wire.encode_inline_submission(_PAYLOAD, _INPUTS)
+BAD_BODIES = [  # (body for session _SID, words of the 400's message)
+    (b"not inline at all", "inline submission"),
+    (_GOOD.replace(b"htcgrid-inline-1", b"htcgrid-inline-9"), "inline submission"),
+    (_GOOD[:-1], "add up"),
+    (_GOOD + b"x", "add up"),
+    (b"htcgrid-inline-1\n12,x\n" + _GOOD, "lengths"),
+    (b"htcgrid-inline-1\n\n", "lengths"),
+    (wire.encode_inline_submission(_PAYLOAD, _INPUTS[:1]), "1 task inputs for 2 tasks"),
+    (wire.encode_inline_submission(_session([{"value": 1}, {"value": 2}])[1], _INPUTS), "does not match"),
+    (wire.encode_inline_submission(b"%%% not base64", _INPUTS), "base64"),
+]
 
 
-@pytest.mark.parametrize("index", range(9))
-def test_a_malformed_inline_submission_gets_a_400_and_writes_nothing(grid, index):
-    cases, sid = _bad_bodies()
-    body, words = cases[index]
-    answer = _post(grid, sid, body)
+@pytest.mark.parametrize("body,words", BAD_BODIES)
+def test_a_malformed_inline_submission_gets_a_400_and_writes_nothing(grid, body, words):
+    answer = _post(grid, _SID, body)
     assert answer.status_code == 400 and words in answer.json()["error"], answer.text
-    assert grid.table.session_info(sid) is None
-    assert grid.redis.exists(wire.payload_key(sid), wire.input_key(f"{sid}_0"), wire.input_key(f"{sid}_1")) == 0
+    assert grid.table.session_info(_SID) is None
+    assert grid.redis.exists(wire.payload_key(_SID), wire.input_key(f"{_SID}_0"), wire.input_key(f"{_SID}_1")) == 0
     assert GridClient(grid).submit([{"value": "still serving"}])  # the grid goes on
 
 
